@@ -1,0 +1,215 @@
+"""Decode files in worker processes, results in submission order, surviving crashed decoders.
+
+Built on plain ``multiprocessing`` processes and pipes rather than a pool class because the
+parent must know which file a dead worker was decoding: ``multiprocessing.Pool`` hangs and
+``ProcessPoolExecutor`` fails every pending task when a worker dies. Here each worker holds at
+most ``per_worker`` tasks and answers them in order, so the first unanswered task of a dead worker
+is the file that killed it; it is reported as failed, the worker's other tasks are re-sent, and a
+new worker takes its place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.context import BaseContext
+from typing import Any
+
+from shardfit._decode import DecodeSpec, decode_image, describe_error
+from shardfit._shardio import ChunkEncoder
+
+__all__ = ["DecodePool", "DecodeResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeResult:
+    """The outcome of one task: ``chunk`` (encoded bytes) on success, else ``error``."""
+
+    index: int
+    chunk: bytes | None
+    error: str | None
+
+
+def _decode_one(index: int, path: str, spec: DecodeSpec, encoder: ChunkEncoder) -> DecodeResult:
+    try:
+        return DecodeResult(index, encoder.encode(decode_image(path, spec)), None)
+    except Exception as err:  # every decoder failure becomes a skip reason, never a crash
+        return DecodeResult(index, None, describe_error(err))
+
+
+def _worker_main(conn: Connection, spec: DecodeSpec, compression: str, mute_stderr: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    if mute_stderr:
+        # libtiff and other C decoders print diagnostics straight to fd 2, scrambling the
+        # progress bar; every failure still reaches the parent as a skip reason.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    encoder = ChunkEncoder(compression)
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        index, path = msg
+        result = _decode_one(index, path, spec, encoder)
+        conn.send((result.index, result.chunk, result.error))
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+@dataclass(eq=False)
+class _Worker:
+    proc: Any
+    conn: Connection
+    assigned: deque[int] = field(default_factory=deque)
+
+
+class DecodePool:
+    """Decodes and encodes images in ``workers`` processes (``0``: in this process).
+
+    Use as a context manager; :meth:`imap` yields one :class:`DecodeResult` per path, in order.
+    At most ``window`` results are decoded ahead of the consumer, which bounds memory.
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        spec: DecodeSpec,
+        compression: str,
+        *,
+        per_worker: int = 2,
+        window: int | None = None,
+        mute_stderr: bool = True,
+        context: BaseContext | None = None,
+    ) -> None:
+        self._spec = spec
+        self._compression = compression
+        self._nworkers = workers
+        self._per_worker = per_worker
+        self._window = window if window is not None else max(4, 4 * workers)
+        self._mute = mute_stderr
+        self._ctx = context if context is not None else mp.get_context()
+        self._workers: list[_Worker] = []
+        self.crashes = 0
+
+    def __enter__(self) -> DecodePool:
+        self._workers = [self._start_worker() for _ in range(self._nworkers)]
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.close(graceful=exc_type is None)
+
+    def _start_worker(self) -> _Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(  # type: ignore[attr-defined]
+            target=_worker_main,
+            args=(child, self._spec, self._compression, self._mute),
+            name="shardfit-decode",
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        return _Worker(proc, parent)
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop every worker; after an error, without waiting for their current file."""
+        for w in self._workers:
+            if graceful:
+                with contextlib.suppress(OSError):
+                    w.conn.send(None)
+            else:
+                w.proc.terminate()
+        for w in self._workers:
+            w.proc.join(timeout=5 if graceful else 1)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()
+            w.conn.close()
+        self._workers = []
+
+    def imap(self, paths: Sequence[str]) -> Iterator[DecodeResult]:
+        """Decode ``paths``; yield their results in the same order."""
+        if self._nworkers == 0:
+            encoder = ChunkEncoder(self._compression)
+            for i, path in enumerate(paths):
+                yield _decode_one(i, path, self._spec, encoder)
+            return
+        todo: deque[int] = deque(range(len(paths)))
+        done: dict[int, DecodeResult] = {}
+        next_out = 0
+        while next_out < len(paths):
+            for w in self._workers:
+                while (
+                    len(w.assigned) < self._per_worker
+                    and todo
+                    and todo[0] < next_out + self._window
+                ):
+                    i = todo.popleft()
+                    w.conn.send((i, paths[i]))
+                    w.assigned.append(i)
+            if next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
+                continue
+            by_handle: dict[Any, _Worker] = {}
+            for w in self._workers:
+                by_handle[w.conn] = w
+                by_handle[w.proc.sentinel] = w
+            ready = wait(list(by_handle))
+            dead: list[_Worker] = []
+            for handle in ready:
+                w = by_handle[handle]
+                if handle is w.conn:
+                    if not self._receive(w, done):
+                        dead.append(w)
+                elif w not in dead:
+                    dead.append(w)
+            for w in dead:
+                self._replace(w, paths, todo, done)
+
+    def _receive(self, w: _Worker, done: dict[int, DecodeResult]) -> bool:
+        try:
+            index, chunk, error = w.conn.recv()
+        except (EOFError, OSError):
+            return False
+        w.assigned.popleft()
+        done[index] = DecodeResult(index, chunk, error)
+        return True
+
+    def _replace(
+        self, w: _Worker, paths: Sequence[str], todo: deque[int], done: dict[int, DecodeResult]
+    ) -> None:
+        while w.assigned and w.conn.poll() and self._receive(w, done):
+            pass  # keep the answers it sent before dying
+        w.proc.join(timeout=5)
+        if w.proc.is_alive():  # the pipe broke but the process lives on: end it
+            w.proc.kill()
+            w.proc.join()
+        w.conn.close()
+        if not w.assigned:
+            raise RuntimeError(
+                f"a decode worker exited without a task ({_exit_text(w.proc.exitcode)})"
+            )
+        culprit = w.assigned.popleft()
+        self.crashes += 1
+        done[culprit] = DecodeResult(
+            culprit, None, f"decoder crashed its worker process ({_exit_text(w.proc.exitcode)})"
+        )
+        todo.extendleft(sorted(w.assigned, reverse=True))
+        self._workers[self._workers.index(w)] = self._start_worker()

@@ -1,0 +1,156 @@
+"""Scan: an image folder (one subfolder per class) -> files, labels and class names."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from shardfit.errors import SourceFolderError
+
+__all__ = ["ScanResult", "image_extensions", "scan_folder"]
+
+
+def image_extensions() -> frozenset[str]:
+    """Lower-case file extensions (with the dot) that the installed Pillow can open."""
+    Image.init()
+    return frozenset(ext.lower() for ext, fmt in Image.EXTENSION.items() if fmt in Image.OPEN)
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What a scan found.
+
+    Attributes:
+        root: absolute path of the scanned folder.
+        class_names: class names in label order.
+        paths: image paths relative to ``root``, '/'-separated, grouped by class, sorted.
+        labels: ``int32`` label of each path.
+        ignored: ``(relative path, reason)`` of every file not taken as an image.
+        fingerprint: hash of every taken file's path, size and mtime, to detect changes.
+    """
+
+    root: str
+    class_names: tuple[str, ...]
+    paths: tuple[str, ...]
+    labels: npt.NDArray[np.int32]
+    ignored: tuple[tuple[str, str], ...]
+    fingerprint: str
+
+    def counts_per_class(self) -> list[int]:
+        """Number of images of each class, in label order."""
+        return [int(c) for c in np.bincount(self.labels, minlength=len(self.class_names))]
+
+
+def _walk_class(
+    root: str, class_dir: str, exts: frozenset[str], ignored: list[tuple[str, str]]
+) -> list[str]:
+    found: list[str] = []
+
+    def fail(err: OSError) -> None:
+        raise SourceFolderError(f"cannot read folder {err.filename}: {err.strerror}")
+
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, class_dir), onerror=fail):
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                ignored.append((f"{rel_dir}/{d}/", "hidden folder"))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            rel = f"{rel_dir}/{name}"
+            if name.startswith("."):
+                ignored.append((rel, "hidden file"))
+            elif os.path.splitext(name)[1].lower() not in exts:
+                ext = os.path.splitext(name)[1] or "(none)"
+                ignored.append((rel, f"not an image file extension: {ext}"))
+            else:
+                found.append(rel)
+    return found
+
+
+def scan_folder(
+    root: str | os.PathLike[str], class_names: tuple[str, ...] | None = None
+) -> ScanResult:
+    """List the images under ``root``, one subfolder per class, as Keras's
+    ``image_dataset_from_directory`` reads them (subfolders of a class folder are included).
+
+    Hidden files and folders, loose files at the root and files whose extension Pillow cannot
+    open are not taken; each is listed in :attr:`ScanResult.ignored` with its reason.
+
+    Raises:
+        SourceFolderError: ``root`` is missing or not a folder, has no class subfolders, does not
+            match ``class_names``, or holds no image at all.
+    """
+    root_s = os.path.abspath(os.fspath(root))
+    if not os.path.exists(root_s):
+        raise SourceFolderError(
+            f"source folder {root_s} does not exist: pass the folder that holds one subfolder "
+            "per class"
+        )
+    if not os.path.isdir(root_s):
+        raise SourceFolderError(
+            f"source {root_s} is not a folder: pass the folder that holds one subfolder per class"
+        )
+    ignored: list[tuple[str, str]] = []
+    subdirs: list[str] = []
+    try:
+        entries = sorted(os.scandir(root_s), key=lambda e: e.name)
+    except OSError as err:
+        raise SourceFolderError(f"cannot read folder {root_s}: {err.strerror}") from None
+    for entry in entries:
+        if entry.name.startswith("."):
+            ignored.append((entry.name + ("/" if entry.is_dir() else ""), "hidden"))
+        elif entry.is_dir():
+            subdirs.append(entry.name)
+        else:
+            ignored.append(
+                (entry.name, "loose file at the root: images must be in class subfolders")
+            )
+    if not subdirs:
+        raise SourceFolderError(
+            f"{root_s} has no class subfolders: put each class's images in a subfolder named "
+            "after the class (for example cats/ and dogs/)"
+        )
+    if class_names is None:
+        names = tuple(subdirs)
+    else:
+        missing = sorted(set(class_names) - set(subdirs))
+        extra = sorted(set(subdirs) - set(class_names))
+        if missing or extra:
+            raise SourceFolderError(
+                f"class_names must match the subfolders of {root_s} exactly. "
+                f"Listed but not found: {missing}; found but not listed: {extra}"
+            )
+        names = tuple(class_names)
+
+    exts = image_extensions()
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(names):
+        found = _walk_class(root_s, name, exts, ignored)
+        paths.extend(found)
+        labels.extend([label] * len(found))
+    if not paths:
+        raise SourceFolderError(
+            f"{root_s} holds no image files in its class subfolders "
+            f"({len(ignored)} other files ignored)"
+        )
+    digest = hashlib.sha256()
+    for rel in paths:
+        try:
+            st = os.stat(os.path.join(root_s, rel))
+            digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:  # a dangling link: it will fail to decode and be reported then
+            digest.update(f"{rel}\0?\n".encode())
+    return ScanResult(
+        root=root_s,
+        class_names=names,
+        paths=tuple(paths),
+        labels=np.asarray(labels, dtype=np.int32),
+        ignored=tuple(ignored),
+        fingerprint=digest.hexdigest(),
+    )

@@ -1,0 +1,225 @@
+"""Write shards: assemble decoded chunks in storage order into whole shards, record progress,
+and turn the finished shards into zarr arrays.
+
+Each shard, once written, gets a small JSON record (which source positions it covers, their
+labels and paths, the files skipped among them). Records are written after their shard and both
+are renamed into place, so after a ``kill -9`` the records say exactly which shards are complete
+and where a resumed pack must start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shardfit._format import ATTRS_KEY, STATE_DIR, shard_path
+from shardfit._shardio import read_shard_index, write_shard, zarr_compressors
+from shardfit.errors import DatasetFormatError
+
+__all__ = ["ShardRecord", "SplitWriter", "load_records", "write_arrays", "write_json_atomic"]
+
+
+def write_json_atomic(path: str, doc: Any) -> None:
+    """Write ``doc`` as JSON at ``path`` via a temporary file and a rename."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, ensure_ascii=False, separators=(",", ":"))
+    os.replace(tmp, path)
+
+
+@dataclass
+class ShardRecord:
+    """Progress record of one flush of a split: source positions ``[start, end)``.
+
+    ``shard`` is the shard written, or ``None`` when every file of the range was skipped (only
+    possible at the end of a split). ``labels`` and ``paths`` describe the stored images in order.
+    """
+
+    split: str
+    seq: int
+    shard: int | None
+    start: int
+    end: int
+    labels: list[int] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _record_path(store: str, split: str, seq: int) -> str:
+    return os.path.join(store, STATE_DIR, f"{split}-{seq:06d}.json")
+
+
+def load_records(store: str, split: str) -> list[ShardRecord]:
+    """The contiguous records of ``split`` from the first on, whose shard files are present."""
+    records: list[ShardRecord] = []
+    while True:
+        path = _record_path(store, split, len(records))
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return records
+        rec = ShardRecord(**doc)
+        rec.skipped = [(p, r) for p, r in doc["skipped"]]
+        if rec.shard is not None and not os.path.exists(shard_path(store, split, rec.shard)):
+            return records
+        records.append(rec)
+
+
+class SplitWriter:
+    """Appends decoded images of one split, in storage order, and writes each full shard.
+
+    Args:
+        store: the partial store's path.
+        split: split name.
+        shard_size: images per shard.
+        records: records already on disk (when resuming); writing continues after them.
+    """
+
+    def __init__(self, store: str, split: str, shard_size: int, records: list[ShardRecord]) -> None:
+        self.store = store
+        self.split = split
+        self.shard_size = shard_size
+        self.records = list(records)
+        self.next_shard = sum(r.shard is not None for r in records)
+        self.pos = records[-1].end if records else 0
+        self._start = self.pos
+        self._chunks: list[bytes] = []
+        self._labels: list[int] = []
+        self._paths: list[str] = []
+        self._skipped: list[tuple[str, str]] = []
+        self.bytes_written = 0
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Delete shard files past the last recorded one (a kill between shard and record)."""
+        cdir = os.path.join(self.store, self.split, "images", "c")
+        if not os.path.isdir(cdir):
+            return
+        for name in os.listdir(cdir):
+            if not name.isdigit() or int(name) >= self.next_shard:
+                shutil.rmtree(os.path.join(cdir, name), ignore_errors=True)
+
+    def add(self, path: str, label: int, chunk: bytes | None, reason: str | None) -> None:
+        """Take the next source position: a stored image (``chunk``) or a skipped file."""
+        self.pos += 1
+        if chunk is None:
+            self._skipped.append((path, reason or "unknown error"))
+            return
+        self._chunks.append(chunk)
+        self._labels.append(label)
+        self._paths.append(path)
+        if len(self._chunks) == self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the images gathered so far as the next shard, then its record."""
+        if not self._chunks and not self._skipped:
+            return
+        shard: int | None = None
+        if self._chunks:
+            shard = self.next_shard
+            self.bytes_written += write_shard(
+                shard_path(self.store, self.split, shard), self._chunks, self.shard_size
+            )
+            self.next_shard += 1
+        rec = ShardRecord(
+            split=self.split,
+            seq=len(self.records),
+            shard=shard,
+            start=self._start,
+            end=self.pos,
+            labels=self._labels,
+            paths=self._paths,
+            skipped=self._skipped,
+        )
+        write_json_atomic(_record_path(self.store, self.split, rec.seq), asdict(rec))
+        self.records.append(rec)
+        self._start = self.pos
+        self._chunks, self._labels, self._paths, self._skipped = [], [], [], []
+
+
+def write_arrays(
+    store: str,
+    split: str,
+    records: list[ShardRecord],
+    *,
+    image_size: tuple[int, int],
+    dtype: str,
+    compression: str,
+    shard_size: int,
+    num_classes: int,
+    group_attrs: dict[str, Any],
+) -> dict[str, Any]:
+    """Create ``split``'s zarr arrays over its finished shards; return the split's attributes.
+
+    The images array's metadata is written last of all, over shard files already in place;
+    labels and paths are written whole. Every shard's index is read back and its count of
+    present chunks checked, so an image missing from disk cannot go unnoticed.
+    """
+    import zarr
+
+    labels = np.asarray([lab for r in records for lab in r.labels], dtype=np.int32)
+    paths = [p for r in records for p in r.paths]
+    n = int(labels.size)
+    num_shards = sum(r.shard is not None for r in records)
+    for k in range(num_shards):
+        expect = min(shard_size, n - k * shard_size)
+        index = read_shard_index(shard_path(store, split, k), shard_size)
+        present = int(np.count_nonzero(index[:, 0] != np.uint64(2**64 - 1)))
+        if present != expect:
+            raise DatasetFormatError(
+                f"shard {shard_path(store, split, k)} holds {present} images, expected {expect}"
+            )
+    h, w = image_size
+    counts = (
+        [int(c) for c in np.bincount(labels, minlength=num_classes)] if n else [0] * num_classes
+    )
+    split_attrs: dict[str, Any] = {"count": n, "counts_per_class": counts, "num_shards": num_shards}
+    group = zarr.open_group(os.path.join(store, split), mode="a")
+    group.attrs[ATTRS_KEY] = {**group_attrs, **split_attrs, "split": split}
+    meta = os.path.join(store, split, "images", "zarr.json")
+    if os.path.exists(meta):  # a finalize interrupted earlier: rewrite the metadata only
+        os.remove(meta)
+    zarr.create_array(
+        store=store,
+        name=f"{split}/images",
+        shape=(n, h, w, 3),
+        dtype=dtype,
+        chunks=(1, h, w, 3),
+        shards=(shard_size, h, w, 3),
+        compressors=zarr_compressors(compression, np.dtype(dtype).itemsize),
+        fill_value=0,
+        dimension_names=("sample", "height", "width", "channel"),
+        config={"write_empty_chunks": True},
+    )
+    lab = zarr.create_array(
+        store=store,
+        name=f"{split}/labels",
+        shape=(n,),
+        dtype="int32",
+        chunks=(max(1, min(n, 1 << 18)),),
+        compressors=None,
+        fill_value=-1,
+        overwrite=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr may flag the string dtype as not yet in the spec
+        pth = zarr.create_array(
+            store=store,
+            name=f"{split}/paths",
+            shape=(n,),
+            dtype=str,
+            chunks=(max(1, min(n, 1 << 16)),),
+            overwrite=True,
+        )
+        if n:
+            lab[:] = labels
+            pth[:] = np.asarray(paths, dtype=object)
+    return split_attrs

@@ -1,0 +1,59 @@
+"""shardfit's errors: one small hierarchy, each also a built-in exception type.
+
+Catch :class:`ShardfitError` for anything shardfit raises on purpose. Each subclass also derives
+from the built-in type a caller would expect (``ValueError`` for bad arguments, ``FileExistsError``
+for an output that is in the way), so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DatasetFormatError",
+    "ImageDecodeError",
+    "IncompleteDatasetError",
+    "InvalidOptionError",
+    "OutputExistsError",
+    "ResumeMismatchError",
+    "ShardfitError",
+    "SourceFolderError",
+]
+
+
+class ShardfitError(Exception):
+    """Base class of every error shardfit raises on purpose."""
+
+
+class InvalidOptionError(ShardfitError, ValueError):
+    """An option or argument breaks its rule; the message names it, the rule and the value."""
+
+
+class SourceFolderError(ShardfitError, ValueError):
+    """The image folder to pack is missing, unreadable, or holds no class subfolders."""
+
+
+class ImageDecodeError(ShardfitError, ValueError):
+    """An image could not be decoded while packing with ``on_error="raise"``."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(
+            f"cannot decode {path}: {reason}. Fix or remove the file, or pack with "
+            "--on-error skip to skip and list such files."
+        )
+        self.path = path
+        self.reason = reason
+
+
+class OutputExistsError(ShardfitError, FileExistsError):
+    """The output store (or an interrupted pack of it) is in the way."""
+
+
+class ResumeMismatchError(ShardfitError, ValueError):
+    """``--resume`` was asked for, but the source folder or the options changed since."""
+
+
+class IncompleteDatasetError(ShardfitError, RuntimeError):
+    """The store is the leftover of an interrupted pack; it must be resumed before use."""
+
+
+class DatasetFormatError(ShardfitError, ValueError):
+    """The path is not a shardfit store, or one written in an unsupported format version."""
