@@ -120,17 +120,19 @@ def _to_rgb8(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
 def _resize8(im: Image.Image, spec: DecodeSpec) -> npt.NDArray[np.uint8]:
     tw, th = spec.width, spec.height
     resample = _FILTERS[spec.interpolation]
-    box: tuple[int, int, int, int] | None = None
     if spec.resize == "crop":
+        # crop first, then resize: resizing with box= would let the filter read past the window
         box = crop_box(im.width, im.height, tw, th)
+        if box != (0, 0, im.width, im.height):
+            im = im.crop(box)
     elif spec.resize == "pad":
         pw, ph, left, top = pad_geometry(im.width, im.height, tw, th)
         if (pw, ph) != im.size:
             canvas = Image.new("RGB", (pw, ph), (0, 0, 0))
             canvas.paste(im, (left, top))
             im = canvas
-    if im.size != (tw, th) or box is not None:
-        im = im.resize((tw, th), resample, box=box)
+    if im.size != (tw, th):
+        im = im.resize((tw, th), resample)
     return np.asarray(im, dtype=np.uint8)
 
 
@@ -153,9 +155,9 @@ def _resize_float(planes: npt.NDArray[np.float32], spec: DecodeSpec) -> npt.NDAr
     h, w = planes.shape[:2]
     tw, th = spec.width, spec.height
     resample = _FILTERS[spec.interpolation]
-    box: tuple[int, int, int, int] | None = None
     if spec.resize == "crop":
-        box = crop_box(w, h, tw, th)
+        left, top, right, bottom = crop_box(w, h, tw, th)
+        planes = planes[top:bottom, left:right]
     elif spec.resize == "pad":
         pw, ph, left, top = pad_geometry(w, h, tw, th)
         canvas = np.zeros((ph, pw, 3), dtype=np.float32)
@@ -164,7 +166,7 @@ def _resize_float(planes: npt.NDArray[np.float32], spec: DecodeSpec) -> npt.NDAr
     out = np.empty((th, tw, 3), dtype=np.float32)
     for c in range(3):
         band = Image.fromarray(np.ascontiguousarray(planes[:, :, c]), mode="F")
-        out[:, :, c] = np.asarray(band.resize((tw, th), resample, box=box), dtype=np.float32)
+        out[:, :, c] = np.asarray(band.resize((tw, th), resample), dtype=np.float32)
     return np.clip(out, 0.0, 1.0, out=out)
 
 

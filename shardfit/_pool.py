@@ -40,7 +40,8 @@ def _decode_one(index: int, path: str, spec: DecodeSpec, encoder: ChunkEncoder) 
     try:
         return DecodeResult(index, encoder.encode(decode_image(path, spec)), None)
     except Exception as err:  # every decoder failure becomes a skip reason, never a crash
-        return DecodeResult(index, None, describe_error(err))
+        # Pillow repeats the path in some messages; the report names the file already
+        return DecodeResult(index, None, describe_error(err).replace(f" '{path}'", ""))
 
 
 def _worker_main(conn: Connection, spec: DecodeSpec, compression: str, mute_stderr: bool) -> None:

@@ -5,6 +5,7 @@ The public entry point is :func:`pack_images`; ``tools/pack_images.py`` is a thi
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -117,19 +118,23 @@ def _prepare_partial(
                 with open(state_file, encoding="utf-8") as f:
                     state = json.load(f)
             except (OSError, ValueError):
-                state = {}
-            if state.get("fingerprint") != fingerprint:
+                state = None  # killed before the pack had begun: nothing in it to keep
+            if state is None:
+                shutil.rmtree(partial)
+            elif state.get("fingerprint") != fingerprint:
                 raise ResumeMismatchError(
                     f"cannot resume {partial}: the source folder or the packing options changed "
                     "since it was started; pass --overwrite to start over"
                 )
-            return True
-        if not overwrite:
+            else:
+                return True
+        elif not overwrite:
             raise OutputExistsError(
                 f"{partial} holds an interrupted pack of {out}: pass --resume to finish it or "
                 "--overwrite to start over"
             )
-        shutil.rmtree(partial)
+        else:
+            shutil.rmtree(partial)
     import zarr
 
     root = zarr.open_group(partial, mode="w-")
@@ -254,7 +259,8 @@ def pack_images(
     from tqdm import tqdm
 
     skipped_now = 0
-    bar = tqdm(total=len(tasks), unit="img", disable=not progress, dynamic_ncols=True)
+    # disable=None: a bar only on a terminal, so that logs and pipes get no bar fragments
+    bar = tqdm(total=len(tasks), unit="img", disable=None if progress else True, dynamic_ncols=True)
     try:
         with DecodePool(options.resolved_workers(), spec, options.compression) as pool:
             sources = [os.path.join(scan.root, scan.paths[i]) for _, i in tasks]
@@ -326,5 +332,7 @@ def _publish(partial: str, out: str) -> None:
         os.rename(out, old)
     os.rename(partial, out)
     shutil.rmtree(os.path.join(out, STATE_DIR), ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    # this call's old store, and any a killed earlier publish left behind
+    for leftover in [old, *glob.glob(glob.escape(out) + ".old-*")]:
+        if leftover is not None:
+            shutil.rmtree(leftover, ignore_errors=True)
