@@ -83,22 +83,12 @@ def describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _first_frame_oriented(path: str) -> Image.Image:
-    if os.path.getsize(path) == 0:
-        raise OSError("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        # Pillow warns on odd metadata (corrupt EXIF, palette transparency, large images under
-        # the bomb limit); none of these makes the pixels wrong.
-        warnings.simplefilter("ignore")
-        with Image.open(path) as im:
-            im.load()  # frame 0 only: later frames of animated files are never decoded
-            try:
-                oriented = ImageOps.exif_transpose(im)
-            except Exception:  # unreadable EXIF: keep the stored orientation
-                oriented = None
-            if oriented is None or oriented is im:
-                oriented = im.copy()
-    return oriented
+def _oriented(im: Image.Image) -> Image.Image:
+    try:
+        oriented = ImageOps.exif_transpose(im)
+    except Exception:  # unreadable EXIF: keep the stored orientation
+        return im
+    return im if oriented is None else oriented
 
 
 def _has_alpha(im: Image.Image) -> bool:
@@ -187,14 +177,22 @@ def decode_image(path: str, spec: DecodeSpec) -> npt.NDArray[np.float32] | npt.N
     ``SyntaxError``, ``TypeError``, ``DecompressionBombError``, ...), or ``OSError`` for an
     empty file; the caller turns these into skip reasons.
     """
-    im = _first_frame_oriented(path)
-    if im.mode in _HIGH_BIT_MODES:
-        unit = _decode_high_bit(im, spec)
-        if spec.dtype == "float32":
-            return unit
-        out8: npt.NDArray[np.uint8] = np.rint(unit * np.float32(255.0)).astype(np.uint8)
-        return out8
-    pixels = _resize8(_to_rgb8(im, spec.background), spec)
+    if os.path.getsize(path) == 0:
+        raise OSError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        # Pillow warns on odd metadata (corrupt EXIF, palette transparency, large images under
+        # the bomb limit); none of these makes the pixels wrong.
+        warnings.simplefilter("ignore")
+        with Image.open(path) as opened:
+            opened.load()  # frame 0 only: later frames of animated files are never decoded
+            im = _oriented(opened)
+            if im.mode in _HIGH_BIT_MODES:
+                unit = _decode_high_bit(im, spec)
+                if spec.dtype == "float32":
+                    return unit
+                out8: npt.NDArray[np.uint8] = np.rint(unit * np.float32(255.0)).astype(np.uint8)
+                return out8
+            pixels = _resize8(_to_rgb8(im, spec.background), spec)
     if spec.dtype == "uint8":
-        return np.ascontiguousarray(pixels)
+        return pixels
     return np.divide(pixels, 255, dtype=np.float32)

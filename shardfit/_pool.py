@@ -32,7 +32,7 @@ class DecodeResult:
     """The outcome of one task: ``chunk`` (encoded bytes) on success, else ``error``."""
 
     index: int
-    chunk: bytes | None
+    chunk: bytes | memoryview | None
     error: str | None
 
 
@@ -62,7 +62,12 @@ def _worker_main(conn: Connection, spec: DecodeSpec, compression: str, mute_stde
             return
         index, path = msg
         result = _decode_one(index, path, spec, encoder)
-        conn.send((result.index, result.chunk, result.error))
+        if result.chunk is None:
+            conn.send((result.index, None, result.error))
+        else:
+            # the chunk's bytes go as they are, not pickled: no copy on this side
+            conn.send((result.index, len(result.chunk), None))
+            conn.send_bytes(result.chunk)
 
 
 def _exit_text(code: int | None) -> str:
@@ -186,7 +191,8 @@ class DecodePool:
 
     def _receive(self, w: _Worker, done: dict[int, DecodeResult]) -> bool:
         try:
-            index, chunk, error = w.conn.recv()
+            index, nbytes, error = w.conn.recv()
+            chunk = None if nbytes is None else w.conn.recv_bytes()
         except (EOFError, OSError):
             return False
         w.assigned.popleft()

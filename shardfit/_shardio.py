@@ -21,8 +21,8 @@ from shardfit.errors import DatasetFormatError
 __all__ = [
     "MISSING",
     "ChunkEncoder",
+    "ShardFileWriter",
     "read_shard_index",
-    "write_shard",
     "zarr_compressors",
 ]
 
@@ -61,12 +61,13 @@ class ChunkEncoder:
         elif compression != "none":
             raise ValueError(f"unknown compression {compression!r}")
 
-    def encode(self, image: npt.NDArray[Any]) -> bytes:
-        """Bytes of ``image`` (C order, little-endian), compressed if asked for."""
+    def encode(self, image: npt.NDArray[Any]) -> memoryview:
+        """Bytes of ``image`` (C order, little-endian), compressed if asked for; uncompressed
+        images are not copied."""
         raw = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<"))
         if self._codec is None:
-            return raw.tobytes()
-        return bytes(self._codec.encode(raw))
+            return memoryview(raw).cast("B")  # type: ignore[arg-type]
+        return memoryview(self._codec.encode(raw)).cast("B")
 
 
 def _index_bytes(sizes: list[int], chunks_per_shard: int) -> bytes:
@@ -80,24 +81,49 @@ def _index_bytes(sizes: list[int], chunks_per_shard: int) -> bytes:
     return raw + crc.to_bytes(4, "little")
 
 
-def write_shard(path: str, chunks: list[bytes], chunks_per_shard: int) -> int:
-    """Write a complete shard file at ``path`` atomically; return its size in bytes.
+class ShardFileWriter:
+    """Streams the chunks of one shard to disk as they come, then publishes it atomically.
 
-    ``chunks`` are the encoded inner chunks in row-major order; positions past ``len(chunks)``
-    (the tail of the last shard) are marked missing. The file is written under a temporary name
-    and renamed into place, so a reader or a resumed pack sees either the whole shard or none.
+    Chunks go to ``path`` + ``.tmp-PID`` one by one (so no shard is ever held in RAM); :meth:`close`
+    appends the index and renames the file into place, so a reader or a resumed pack sees either
+    the whole shard or none of it. Positions past the chunks written (the tail of the last
+    shard) are marked missing.
     """
-    if len(chunks) > chunks_per_shard:
-        raise ValueError(f"{len(chunks)} chunks do not fit a shard of {chunks_per_shard}")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.write(_index_bytes([len(c) for c in chunks], chunks_per_shard))
-        size = f.tell()
-    os.replace(tmp, path)
-    return size
+
+    def __init__(self, path: str, chunks_per_shard: int) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.path = path
+        self.chunks_per_shard = chunks_per_shard
+        self._tmp = f"{path}.tmp-{os.getpid()}"
+        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._sizes: list[int] = []
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def append(self, chunk: bytes | memoryview) -> None:
+        """Write the next inner chunk's encoded bytes."""
+        if len(self._sizes) == self.chunks_per_shard:
+            raise ValueError(f"shard {self.path} already holds {self.chunks_per_shard} chunks")
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self._sizes.append(len(chunk))
+        self.nbytes += len(chunk)
+
+    def close(self) -> int:
+        """Write the index, publish the file under its name; return its size in bytes."""
+        index = _index_bytes(self._sizes, self.chunks_per_shard)
+        os.write(self._fd, index)
+        os.close(self._fd)
+        os.replace(self._tmp, self.path)
+        return self.nbytes + len(index)
+
+    def abort(self) -> None:
+        """Drop the unfinished file."""
+        os.close(self._fd)
+        os.remove(self._tmp)
 
 
 def read_shard_index(path: str, chunks_per_shard: int) -> npt.NDArray[np.uint64]:

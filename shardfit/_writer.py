@@ -1,4 +1,4 @@
-"""Write shards: assemble decoded chunks in storage order into whole shards, record progress,
+"""Write shards: stream decoded chunks in storage order into whole shards, record progress,
 and turn the finished shards into zarr arrays.
 
 Each shard, once written, gets a small JSON record (which source positions it covers, their
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from shardfit._format import ATTRS_KEY, STATE_DIR, shard_path
-from shardfit._shardio import read_shard_index, write_shard, zarr_compressors
+from shardfit._shardio import ShardFileWriter, read_shard_index, zarr_compressors
 from shardfit.errors import DatasetFormatError
 
 __all__ = ["ShardRecord", "SplitWriter", "load_records", "write_arrays", "write_json_atomic"]
@@ -90,7 +90,7 @@ class SplitWriter:
         self.next_shard = sum(r.shard is not None for r in records)
         self.pos = records[-1].end if records else 0
         self._start = self.pos
-        self._chunks: list[bytes] = []
+        self._file: ShardFileWriter | None = None
         self._labels: list[int] = []
         self._paths: list[str] = []
         self._skipped: list[tuple[str, str]] = []
@@ -106,28 +106,42 @@ class SplitWriter:
             if not name.isdigit() or int(name) >= self.next_shard:
                 shutil.rmtree(os.path.join(cdir, name), ignore_errors=True)
 
-    def add(self, path: str, label: int, chunk: bytes | None, reason: str | None) -> None:
-        """Take the next source position: a stored image (``chunk``) or a skipped file."""
+    def add(
+        self, path: str, label: int, chunk: bytes | memoryview | None, reason: str | None
+    ) -> None:
+        """Take the next source position: a stored image (``chunk``) or a skipped file.
+
+        The chunk goes to disk at once; nothing of a shard is kept in memory but its record.
+        """
         self.pos += 1
         if chunk is None:
             self._skipped.append((path, reason or "unknown error"))
             return
-        self._chunks.append(chunk)
+        if self._file is None:
+            self._file = ShardFileWriter(
+                shard_path(self.store, self.split, self.next_shard), self.shard_size
+            )
+        self._file.append(chunk)
         self._labels.append(label)
         self._paths.append(path)
-        if len(self._chunks) == self.shard_size:
+        if len(self._file) == self.shard_size:
             self.flush()
 
+    def abort(self) -> None:
+        """Drop the shard being written (its records stay valid for a resume)."""
+        if self._file is not None:
+            self._file.abort()
+            self._file = None
+
     def flush(self) -> None:
-        """Write the images gathered so far as the next shard, then its record."""
-        if not self._chunks and not self._skipped:
+        """Publish the shard being written, then its record."""
+        if self._file is None and not self._skipped:
             return
         shard: int | None = None
-        if self._chunks:
+        if self._file is not None:
             shard = self.next_shard
-            self.bytes_written += write_shard(
-                shard_path(self.store, self.split, shard), self._chunks, self.shard_size
-            )
+            self.bytes_written += self._file.close()
+            self._file = None
             self.next_shard += 1
         rec = ShardRecord(
             split=self.split,
@@ -142,7 +156,7 @@ class SplitWriter:
         write_json_atomic(_record_path(self.store, self.split, rec.seq), asdict(rec))
         self.records.append(rec)
         self._start = self.pos
-        self._chunks, self._labels, self._paths, self._skipped = [], [], [], []
+        self._labels, self._paths, self._skipped = [], [], []
 
 
 def write_arrays(

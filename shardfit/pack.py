@@ -276,6 +276,10 @@ def pack_images(
                 bar.update()
                 if writers[split].pos == len(plan[split]):
                     writers[split].flush()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     finally:
         bar.close()
     for writer in writers.values():
