@@ -9,6 +9,8 @@ images/s with min-max, the ratio to the bare loop, and the peak of the process t
 Variants:
 - ``bare``: one process; for each file Image.open -> convert("RGB") -> resize(bilinear) ->
   float32 / 255. What the packer must do at the least, with nothing stored.
+- ``write``: the disk's ceiling for the packer's output: the same number of float32 image
+  bytes written to a new file, one image per call (no decoding).
 - ``pack-1w`` / ``pack-Nw``: ``shardfit.pack_images`` with 1 worker and with all cores, writing
   a float32 store (timed from the call to the complete, renamed store).
 """
@@ -34,20 +36,34 @@ sys.path.insert(0, str(HERE.parent))
 from _memory import PeakSampler  # noqa: E402
 
 
+def _photo(h: int, w: int, rng) -> "np.ndarray":  # type: ignore[name-defined]  # noqa: F821
+    """Photo-like content: detail at every scale (a 1/f-like spectrum) plus sensor grain, so
+    JPEG sizes (~3 bits per pixel at quality 90) and decode times resemble real photos rather
+    than flat colour, which decodes several times faster."""
+    import numpy as np
+    from PIL import Image
+
+    acc = np.zeros((h, w, 3), np.float32)
+    for cells, amp in ((4, 60.0), (12, 40.0), (40, 28.0), (120, 18.0)):
+        low = rng.normal(0.0, amp, (max(2, h * cells // 480), max(2, w * cells // 480), 3))
+        low8 = np.clip(low + 128, 0, 255).astype(np.uint8)
+        up = np.asarray(Image.fromarray(low8).resize((w, h), Image.Resampling.BICUBIC), np.float32)
+        acc += up - 128
+    acc += rng.normal(0.0, 6.0, (h, w, 3)).astype(np.float32)
+    return np.clip(acc + 128, 0, 255).astype(np.uint8)
+
+
 def make_images(root: Path, n: int, classes: int = 4, seed: int = 0) -> None:
-    """Photo-like JPEGs (smooth colour fields plus grain), about ImageNet's typical size."""
+    """``n`` photo-like JPEGs of ImageNet's typical size (300-480 x 400-560 px)."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     for i in range(n):
-        h, w = int(rng.integers(300, 480)), int(rng.integers(400, 560))
-        low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        img = Image.fromarray(low).resize((w, h), Image.Resampling.BICUBIC)
-        arr = np.asarray(img, dtype=np.int16) + rng.integers(-12, 13, (h, w, 3), dtype=np.int16)
+        h, w = int(rng.integers(300, 481)), int(rng.integers(400, 561))
         cls = root / f"class{i % classes}"
         cls.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(cls / f"{i:06d}.jpg", quality=90)
+        Image.fromarray(_photo(h, w, rng)).save(cls / f"{i:06d}.jpg", quality=90)
 
 
 def run_bare(src: Path, size: int) -> dict:
@@ -65,6 +81,23 @@ def run_bare(src: Path, size: int) -> dict:
     return {"images": len(files), "seconds": time.perf_counter() - t0}
 
 
+def run_write(n: int, size: int, scratch: Path) -> dict:
+    """The disk's own ceiling for the packer's output: write the bytes of ``n`` float32 images,
+    one image per write call as the packer does, to a new file."""
+    import numpy as np
+
+    chunk = memoryview(np.random.default_rng(0).random(size * size * 3, dtype=np.float32)).cast("B")
+    path = scratch / f"write-{os.getpid()}.bin"
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for _ in range(n):
+        os.write(fd, chunk)
+    os.close(fd)
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return {"images": n, "seconds": seconds}
+
+
 def run_pack(src: Path, size: int, workers: int, scratch: Path) -> dict:
     import shardfit
 
@@ -79,6 +112,8 @@ def run_pack(src: Path, size: int, workers: int, scratch: Path) -> dict:
 def child(args: argparse.Namespace) -> None:
     if args.variant == "bare":
         result = run_bare(Path(args.src), args.size)
+    elif args.variant == "write":
+        result = run_write(sum(1 for _ in Path(args.src).rglob("*.jpg")), args.size, Path(args.scratch))
     else:
         workers = int(args.variant.split("-")[1].rstrip("w"))
         result = run_pack(Path(args.src), args.size, workers, Path(args.scratch))
@@ -136,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     cores = len(os.sched_getaffinity(0))
-    variants = ["bare", "pack-1w"] + ([f"pack-{cores}w"] if cores > 1 else [])
+    variants = ["bare", "write", "pack-1w"] + ([f"pack-{cores}w"] if cores > 1 else [])
     results: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="shardfit-bench-") as tmp:
         src = Path(tmp) / "images"

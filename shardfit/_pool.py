@@ -11,9 +11,11 @@ new worker takes its place.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import multiprocessing as mp
 import os
 import signal
+import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +46,14 @@ def _decode_one(index: int, path: str, spec: DecodeSpec, encoder: ChunkEncoder) 
         return DecodeResult(index, None, describe_error(err).replace(f" '{path}'", ""))
 
 
-def _worker_main(conn: Connection, spec: DecodeSpec, compression: str, mute_stderr: bool) -> None:
+def _worker_main(
+    conn: Connection,
+    spec: DecodeSpec,
+    compression: str,
+    mute_stderr: bool,
+    slots: mmap.mmap | None,
+    slot_bytes: int,
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     if mute_stderr:
         # libtiff and other C decoders print diagnostics straight to fd 2, scrambling the
@@ -60,13 +69,18 @@ def _worker_main(conn: Connection, spec: DecodeSpec, compression: str, mute_stde
             return
         if msg is None:
             return
-        index, path = msg
+        index, path, slot = msg
         result = _decode_one(index, path, spec, encoder)
         if result.chunk is None:
-            conn.send((result.index, None, result.error))
-        else:
-            # the chunk's bytes go as they are, not pickled: no copy on this side
-            conn.send((result.index, len(result.chunk), None))
+            conn.send((index, None, result.error))
+            continue
+        n = len(result.chunk)
+        if slots is not None and slot is not None and n <= slot_bytes:
+            # the bytes go into shared memory; only their length crosses the pipe
+            slots[slot * slot_bytes : slot * slot_bytes + n] = result.chunk
+            conn.send((index, n, False))
+        else:  # no shared memory (spawn, forkserver) or an oversized compressed chunk
+            conn.send((index, n, True))
             conn.send_bytes(result.chunk)
 
 
@@ -86,11 +100,22 @@ class _Worker:
     assigned: deque[int] = field(default_factory=deque)
 
 
+def _default_context() -> BaseContext:
+    # fork lets workers inherit the anonymous shared memory of the result slots; elsewhere
+    # (macOS, Windows) the platform's default is the safe choice and results go through pipes
+    if sys.platform == "linux":
+        return mp.get_context("fork")
+    return mp.get_context()
+
+
 class DecodePool:
     """Decodes and encodes images in ``workers`` processes (``0``: in this process).
 
     Use as a context manager; :meth:`imap` yields one :class:`DecodeResult` per path, in order.
-    At most ``window`` results are decoded ahead of the consumer, which bounds memory.
+    At most ``window`` results are decoded ahead of the consumer, which bounds memory. With the
+    fork start method, workers write results into a ring of shared-memory slots and send only
+    their length; a yielded ``chunk`` is then a view of its slot, valid until the next result is
+    taken from :meth:`imap`.
     """
 
     def __init__(
@@ -110,11 +135,21 @@ class DecodePool:
         self._per_worker = per_worker
         self._window = window if window is not None else max(4, 4 * workers)
         self._mute = mute_stderr
-        self._ctx = context if context is not None else mp.get_context()
+        self._ctx = context if context is not None else _default_context()
         self._workers: list[_Worker] = []
+        raw = spec.height * spec.width * 3 * (4 if spec.dtype == "float32" else 1)
+        # compressed chunks can exceed the raw size a little; larger ones fall back to the pipe
+        self._slot_bytes = raw if compression == "none" else raw + raw // 16 + 4096
+        self._slots: mmap.mmap | None = None
+        self._free: deque[int] = deque()
+        self._slot_of: dict[int, int] = {}
         self.crashes = 0
 
     def __enter__(self) -> DecodePool:
+        if self._nworkers and self._ctx.get_start_method() == "fork":
+            nslots = self._window + 1  # every task in the window, plus the one being consumed
+            self._slots = mmap.mmap(-1, nslots * self._slot_bytes)  # MAP_SHARED | MAP_ANONYMOUS
+            self._free = deque(range(nslots))
         self._workers = [self._start_worker() for _ in range(self._nworkers)]
         return self
 
@@ -125,7 +160,7 @@ class DecodePool:
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(  # type: ignore[attr-defined]
             target=_worker_main,
-            args=(child, self._spec, self._compression, self._mute),
+            args=(child, self._spec, self._compression, self._mute, self._slots, self._slot_bytes),
             name="shardfit-decode",
             daemon=True,
         )
@@ -148,6 +183,7 @@ class DecodePool:
                 w.proc.join()
             w.conn.close()
         self._workers = []
+        self._slots = None  # unmapped once the last view of it is gone
 
     def imap(self, paths: Sequence[str]) -> Iterator[DecodeResult]:
         """Decode ``paths``; yield their results in the same order."""
@@ -167,19 +203,23 @@ class DecodePool:
                     and todo[0] < next_out + self._window
                 ):
                     i = todo.popleft()
-                    w.conn.send((i, paths[i]))
+                    slot = None
+                    if self._slots is not None:
+                        slot = self._slot_of[i] = self._free.popleft()
+                    w.conn.send((i, paths[i], slot))
                     w.assigned.append(i)
             if next_out in done:
-                yield done.pop(next_out)
+                result = done.pop(next_out)
+                yield result
+                self._release(next_out)  # the consumer is done with its view
                 next_out += 1
                 continue
             by_handle: dict[Any, _Worker] = {}
             for w in self._workers:
                 by_handle[w.conn] = w
                 by_handle[w.proc.sentinel] = w
-            ready = wait(list(by_handle))
             dead: list[_Worker] = []
-            for handle in ready:
+            for handle in wait(list(by_handle)):
                 w = by_handle[handle]
                 if handle is w.conn:
                     if not self._receive(w, done):
@@ -187,21 +227,31 @@ class DecodePool:
                 elif w not in dead:
                     dead.append(w)
             for w in dead:
-                self._replace(w, paths, todo, done)
+                self._replace(w, todo, done)
+
+    def _release(self, index: int) -> None:
+        slot = self._slot_of.pop(index, None)
+        if slot is not None:
+            self._free.append(slot)
 
     def _receive(self, w: _Worker, done: dict[int, DecodeResult]) -> bool:
+        # a header (index, nbytes, inline) for a chunk, or (index, None, error) for a failure
         try:
-            index, nbytes, error = w.conn.recv()
-            chunk = None if nbytes is None else w.conn.recv_bytes()
+            index, nbytes, inline_or_error = w.conn.recv()
+            if nbytes is None:
+                result = DecodeResult(index, None, inline_or_error)
+            elif inline_or_error or self._slots is None:
+                result = DecodeResult(index, w.conn.recv_bytes(), None)
+            else:
+                start = self._slot_of[index] * self._slot_bytes
+                result = DecodeResult(index, memoryview(self._slots)[start : start + nbytes], None)
         except (EOFError, OSError):
             return False
         w.assigned.popleft()
-        done[index] = DecodeResult(index, chunk, error)
+        done[index] = result
         return True
 
-    def _replace(
-        self, w: _Worker, paths: Sequence[str], todo: deque[int], done: dict[int, DecodeResult]
-    ) -> None:
+    def _replace(self, w: _Worker, todo: deque[int], done: dict[int, DecodeResult]) -> None:
         while w.assigned and w.conn.poll() and self._receive(w, done):
             pass  # keep the answers it sent before dying
         w.proc.join(timeout=5)
@@ -218,5 +268,7 @@ class DecodePool:
         done[culprit] = DecodeResult(
             culprit, None, f"decoder crashed its worker process ({_exit_text(w.proc.exitcode)})"
         )
+        for i in w.assigned:  # re-sent later, each with a fresh slot
+            self._release(i)
         todo.extendleft(sorted(w.assigned, reverse=True))
         self._workers[self._workers.index(w)] = self._start_worker()
