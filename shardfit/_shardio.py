@@ -9,6 +9,8 @@ writers ever share a shard and no shard is ever seen half-written.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 from typing import Any
 
@@ -81,41 +83,109 @@ def _index_bytes(sizes: list[int], chunks_per_shard: int) -> bytes:
     return raw + crc.to_bytes(4, "little")
 
 
+_ALIGN = 4096
+_STAGE_BYTES = 8 << 20
+
+
 class ShardFileWriter:
     """Streams the chunks of one shard to disk as they come, then publishes it atomically.
 
-    Chunks go to ``path`` + ``.tmp-PID`` one by one (so no shard is ever held in RAM); :meth:`close`
-    appends the index and renames the file into place, so a reader or a resumed pack sees either
-    the whole shard or none of it. Positions past the chunks written (the tail of the last
-    shard) are marked missing.
+    Chunks go to ``path`` + ``.tmp-PID`` (so no shard is ever held in RAM); :meth:`close` appends
+    the index and renames the file into place, so a reader or a resumed pack sees either the
+    whole shard or none of it. Positions past the chunks written (the tail of the last shard)
+    are marked missing.
+
+    Where the filesystem allows it, the file is written with ``O_DIRECT`` through an aligned
+    8 MiB staging buffer: the bytes go from that buffer to the device without a copy into the
+    page cache. Packing is a one-pass write of data larger than RAM, so caching it would only
+    evict what is worth caching; and on the VMs this was measured on, every new page-cache page
+    costs a hypervisor fault (~0.4 GB/s against ~2 GB/s for direct writes). Elsewhere, or if
+    the device refuses the alignment, plain writes are used.
     """
 
-    def __init__(self, path: str, chunks_per_shard: int) -> None:
+    def __init__(self, path: str, chunks_per_shard: int, *, direct: bool = True) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.path = path
         self.chunks_per_shard = chunks_per_shard
         self._tmp = f"{path}.tmp-{os.getpid()}"
-        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self._stage: mmap.mmap | None = None
+        self._fill = 0
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._fd = os.open(self._tmp, flags | os.O_DIRECT, 0o644)
+                self._stage = mmap.mmap(-1, _STAGE_BYTES)  # page-aligned, as O_DIRECT needs
+            except OSError:  # tmpfs and some network filesystems refuse O_DIRECT
+                self._stage = None
+        if self._stage is None:
+            self._fd = os.open(self._tmp, flags, 0o644)
         self._sizes: list[int] = []
         self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self._sizes)
 
+    def _write_all(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def _leave_direct(self) -> None:
+        """Go on with plain writes (the staged bytes still to write come first)."""
+        import fcntl  # only reached where O_DIRECT exists, i.e. Linux
+
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        stage, fill = self._stage, self._fill
+        self._stage, self._fill = None, 0
+        if stage is not None and fill:
+            self._write_all(memoryview(stage)[:fill])
+
+    def _flush_stage(self, nbytes: int) -> None:
+        """Write the first ``nbytes`` (a multiple of the alignment) of the staging buffer."""
+        stage = self._stage
+        if stage is None:
+            return
+        try:
+            self._write_all(memoryview(stage)[:nbytes])
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            self._leave_direct()  # the device wants another alignment: plain writes then
+            return
+        rest = self._fill - nbytes
+        if rest:
+            stage[:rest] = stage[nbytes : self._fill]
+        self._fill = rest
+
     def append(self, chunk: bytes | memoryview) -> None:
         """Write the next inner chunk's encoded bytes."""
         if len(self._sizes) == self.chunks_per_shard:
             raise ValueError(f"shard {self.path} already holds {self.chunks_per_shard} chunks")
-        view = memoryview(chunk)
+        view = memoryview(chunk).cast("B")
+        n = len(view)
         while view:
-            view = view[os.write(self._fd, view) :]
-        self._sizes.append(len(chunk))
-        self.nbytes += len(chunk)
+            if self._stage is None:
+                self._write_all(view)
+                break
+            take = min(len(view), _STAGE_BYTES - self._fill)
+            self._stage[self._fill : self._fill + take] = view[:take]
+            self._fill += take
+            view = view[take:]
+            if self._fill == _STAGE_BYTES:
+                self._flush_stage(_STAGE_BYTES)
+        self._sizes.append(n)
+        self.nbytes += n
 
     def close(self) -> int:
         """Write the index, publish the file under its name; return its size in bytes."""
+        if self._stage is not None:
+            aligned = self._fill - self._fill % _ALIGN
+            if aligned:
+                self._flush_stage(aligned)
+            if self._stage is not None:
+                self._leave_direct()  # the unaligned tail and the index
         index = _index_bytes(self._sizes, self.chunks_per_shard)
-        os.write(self._fd, index)
+        self._write_all(index)
         os.close(self._fd)
         os.replace(self._tmp, self.path)
         return self.nbytes + len(index)

@@ -328,8 +328,18 @@ def pack_images(
     )
 
 
+def _remove_temp_files(store: str) -> None:
+    """Delete temporary files a killed earlier run left: zarr's atomic writes
+    (``NAME.<uuid>.partial``) and shardfit's own (``NAME.tmp-PID``)."""
+    for dirpath, _, files in os.walk(store):
+        for name in files:
+            if name.endswith(".partial") or ".tmp-" in name:
+                os.remove(os.path.join(dirpath, name))
+
+
 def _publish(partial: str, out: str) -> None:
     """Rename the complete ``partial`` to ``out``, replacing an old ``out`` last of all."""
+    _remove_temp_files(partial)
     old = None
     if os.path.exists(out):
         old = f"{out}.old-{os.getpid()}"
