@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -170,8 +171,13 @@ def _decode_high_bit(im: Image.Image, spec: DecodeSpec) -> npt.NDArray[np.float3
     return _resize_float(rgb, spec)
 
 
-def decode_image(path: str, spec: DecodeSpec) -> npt.NDArray[np.float32] | npt.NDArray[np.uint8]:
+def decode_image(
+    path: str, spec: DecodeSpec, out: npt.NDArray[Any] | None = None
+) -> npt.NDArray[np.float32] | npt.NDArray[np.uint8]:
     """Decode ``path`` into a C-contiguous ``(height, width, 3)`` array of ``spec.dtype``.
+
+    With ``out`` (an array of that shape and dtype, such as a view of shared memory), the
+    image is written there and ``out`` is returned; no image-sized array is allocated.
 
     Raises whatever Pillow raises for a file it cannot decode (``OSError``, ``ValueError``,
     ``SyntaxError``, ``TypeError``, ``DecompressionBombError``, ...), or ``OSError`` for an
@@ -188,11 +194,17 @@ def decode_image(path: str, spec: DecodeSpec) -> npt.NDArray[np.float32] | npt.N
             im = _oriented(opened)
             if im.mode in _HIGH_BIT_MODES:
                 unit = _decode_high_bit(im, spec)
-                if spec.dtype == "float32":
-                    return unit
-                out8: npt.NDArray[np.uint8] = np.rint(unit * np.float32(255.0)).astype(np.uint8)
-                return out8
-            pixels = _resize8(_to_rgb8(im, spec.background), spec)
-    if spec.dtype == "uint8":
-        return pixels
-    return np.divide(pixels, 255, dtype=np.float32)
+                result: npt.NDArray[Any] = (
+                    unit if spec.dtype == "float32" else np.rint(unit * np.float32(255.0))
+                )
+            else:
+                result = _resize8(_to_rgb8(im, spec.background), spec)
+    if out is None:
+        if result.dtype == spec.dtype:
+            return result
+        out = np.empty(result.shape, dtype=spec.dtype)
+    if result.dtype == np.uint8 and out.dtype == np.float32:
+        np.divide(result, 255, out=out, dtype=np.float32)  # pixel / 255, computed in float32
+    else:
+        np.copyto(out, result, casting="unsafe")
+    return out
