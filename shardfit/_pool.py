@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import mmap
 import multiprocessing as mp
 import os
@@ -159,7 +160,7 @@ class DecodePool:
         spec: DecodeSpec,
         compression: str,
         *,
-        per_worker: int = 2,
+        per_worker: int = 4,
         window: int | None = None,
         mute_stderr: bool = True,
         context: BaseContext | None = None,
@@ -168,7 +169,7 @@ class DecodePool:
         self._compression = compression
         self._nworkers = workers
         self._per_worker = per_worker
-        self._window = window if window is not None else max(4, 4 * workers)
+        self._window = window if window is not None else max(8, 8 * workers)
         self._mute = mute_stderr
         self._ctx = context if context is not None else _default_context()
         self._workers: list[_Worker] = []
@@ -199,7 +200,13 @@ class DecodePool:
             name="shardfit-decode",
             daemon=True,
         )
-        proc.start()
+        # A forked worker's garbage collector would touch, and so copy, every inherited
+        # object; frozen objects it leaves alone. The parent unfreezes at once.
+        gc.freeze()
+        try:
+            proc.start()
+        finally:
+            gc.unfreeze()
         child.close()
         return _Worker(proc, parent)
 
