@@ -11,6 +11,8 @@ Variants:
   float32 / 255. What the packer must do at the least, with nothing stored.
 - ``bare-tuned``: the same loop with the allocation tweaks the packer's workers use (glibc keeps
   freed memory; the float32 result goes into one reused buffer).
+- ``bare-Np``: N forked bare loops over shares of the files: the machine's own ceiling for
+  N-way parallel decoding right now (on a shared VM, often well under N x).
 - ``write``: the packer's write path alone (shardfit's shard writer, same bytes, no decoding):
   the ceiling the output side sets.
 - ``pack-1w`` / ``pack-Nw``: ``shardfit.pack_images`` with 1 worker and with all cores, writing
@@ -81,20 +83,30 @@ def make_images(
             os.link(made[i % unique], path)
 
 
-def run_bare(src: Path, size: int, tuned: bool) -> dict:
-    """The bare loop. ``tuned``: the same loop with the packer's two allocation tweaks (glibc
-    keeps freed memory; float32 output into one reused buffer), to tell decoding costs from
-    allocation costs, which are high on VMs where a page's first touch is a hypervisor fault."""
+def run_bare_parallel(src: Path, size: int, procs: int) -> dict:
+    """The machine's own parallel ceiling: ``procs`` forked bare loops, each over its share of
+    the files, no communication. What N cores give for this work on this machine right now."""
+    files = sorted(p for p in src.rglob("*.jpg"))
+    t0 = time.perf_counter()
+    pids = []
+    for k in range(procs):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _bare_loop(files[k::procs], size, tuned=False)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return {"images": len(files), "seconds": time.perf_counter() - t0}
+
+
+def _bare_loop(files: list[Path], size: int, tuned: bool) -> float:
     import numpy as np
     from PIL import Image
 
-    if tuned:
-        from shardfit._pool import _keep_freed_memory
-
-        _keep_freed_memory()
     out = np.empty((size, size, 3), np.float32)
-    files = sorted(p for p in src.rglob("*.jpg"))
-    t0 = time.perf_counter()
     checksum = 0.0
     for path in files:
         with Image.open(path) as im:
@@ -104,6 +116,20 @@ def run_bare(src: Path, size: int, tuned: bool) -> dict:
             else:
                 arr = np.asarray(small, dtype=np.float32) / 255
         checksum += float(arr[0, 0, 0])
+    return checksum
+
+
+def run_bare(src: Path, size: int, tuned: bool) -> dict:
+    """The bare loop. ``tuned``: the same loop with the packer's two allocation tweaks (glibc
+    keeps freed memory; float32 output into one reused buffer), to tell decoding costs from
+    allocation costs, which are high on VMs where a page's first touch is a hypervisor fault."""
+    if tuned:
+        from shardfit._pool import _keep_freed_memory
+
+        _keep_freed_memory()
+    files = sorted(p for p in src.rglob("*.jpg"))
+    t0 = time.perf_counter()
+    _bare_loop(files, size, tuned)
     return {"images": len(files), "seconds": time.perf_counter() - t0}
 
 
@@ -141,6 +167,8 @@ def run_pack(src: Path, size: int, workers: int, scratch: Path) -> dict:
 def child(args: argparse.Namespace) -> None:
     if args.variant in ("bare", "bare-tuned"):
         result = run_bare(Path(args.src), args.size, tuned=args.variant == "bare-tuned")
+    elif args.variant.startswith("bare-") and args.variant.endswith("p"):
+        result = run_bare_parallel(Path(args.src), args.size, int(args.variant[5:-1]))
     elif args.variant == "write":
         result = run_write(
             sum(1 for _ in Path(args.src).rglob("*.jpg")), args.size, Path(args.scratch)
@@ -219,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     cores = len(os.sched_getaffinity(0))
-    variants = ["bare", "bare-tuned", "write", "pack-1w"] + (
-        [f"pack-{cores}w"] if cores > 1 else []
-    )
+    variants = ["bare", "bare-tuned", "write", "pack-1w"]
+    if cores > 1:
+        variants += [f"bare-{cores}p", f"pack-{cores}w"]
     results: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="shardfit-bench-") as tmp:
         src = Path(tmp) / "images"
@@ -291,6 +319,22 @@ def main(argv: list[str] | None = None) -> int:
         f"Shard size {shard_bytes / 2**20:.0f} MiB. Own RAM is the peak over time of the sum over "
         "the process tree of Pss_Anon + Pss_Shmem (5 Hz); summed RSS double-counts shared pages.",
     ]
+    by = {r["variant"]: r for r in rows}
+    one = by["pack-1w"]["ratio"]
+    lines += ["", "Goals (packing issue), this run:", ""]
+    lines.append(
+        f"- packer at 1 worker within 15% of the bare loop (>= 0.85x): {one:.2f}x, "
+        f"{'met' if one >= 0.85 else 'NOT met'}"
+    )
+    if f"pack-{cores}w" in by:
+        many = by[f"pack-{cores}w"]["ratio"]
+        ceiling = by[f"bare-{cores}p"]["ratio"]
+        lines.append(
+            f"- packer at {cores} workers >= 1.6x the bare loop: {many:.2f}x, "
+            f"{'met' if many >= 1.6 else 'NOT met'}; the machine's own ceiling for {cores} "
+            f"parallel bare loops in this run was {ceiling:.2f}x, so the packer reached "
+            f"{many / ceiling:.0%} of what {cores} cores gave"
+        )
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
