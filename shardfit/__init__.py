@@ -5,6 +5,8 @@ Importing shardfit does not import TensorFlow or Keras.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
 from shardfit._format import DatasetInfo, SplitInfo, read_info
@@ -21,6 +23,9 @@ from shardfit.errors import (
 from shardfit.options import PackOptions
 from shardfit.pack import PackReport, pack_images
 
+if TYPE_CHECKING:  # imported lazily at run time: Sequence needs Keras
+    from shardfit.sequence import Sequence, SequenceOptions
+
 __all__ = [
     "DatasetFormatError",
     "DatasetInfo",
@@ -31,6 +36,8 @@ __all__ = [
     "PackOptions",
     "PackReport",
     "ResumeMismatchError",
+    "Sequence",
+    "SequenceOptions",
     "ShardfitError",
     "SourceFolderError",
     "SplitInfo",
@@ -38,3 +45,13 @@ __all__ = [
     "pack_images",
     "read_info",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # Sequence needs Keras (and so TensorFlow): load it on first use only, so that packing
+    # and reading never import them.
+    if name in ("Sequence", "SequenceOptions"):
+        from shardfit import sequence
+
+        return getattr(sequence, name)
+    raise AttributeError(f"module 'shardfit' has no attribute {name!r}")

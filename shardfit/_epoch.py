@@ -1,0 +1,62 @@
+"""Epoch plans: which samples each batch holds, as pure functions of (seed, epoch).
+
+Shuffling with a shard window (see DESIGN.md): shard order is permuted every epoch, shards are
+taken ``window`` at a time, and the samples of each window are permuted among themselves. Every
+sample appears exactly once per epoch, only ``window`` shards are read at a time (a bounded
+page-cache working set), and any process can compute the plan alone from (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["batch_count", "epoch_order"]
+
+#: Stream ids, so that no two uses of one seed draw the same numbers.
+_SHARD_STREAM = 0x5348_0001
+_WINDOW_STREAM = 0x5348_0002
+
+
+def epoch_order(
+    num_samples: int,
+    shard_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    window: int,
+) -> npt.NDArray[np.int64]:
+    """The order in which epoch ``epoch`` visits the samples ``0 .. num_samples - 1``.
+
+    Args:
+        num_samples: samples in the split.
+        shard_size: samples per shard (the last shard may hold fewer).
+        seed: the shuffle seed.
+        epoch: the epoch number (0-based); each gives another order.
+        shuffle: ``False`` gives storage order, whatever ``seed`` and ``epoch``.
+        window: shards whose samples are mixed together (>= 1).
+
+    Returns:
+        A permutation of ``range(num_samples)`` as int64.
+    """
+    if not shuffle or num_samples == 0:
+        return np.arange(num_samples, dtype=np.int64)
+    num_shards = -(-num_samples // shard_size)
+    shards = np.random.default_rng([seed, _SHARD_STREAM, epoch]).permutation(num_shards)
+    parts = []
+    for w, start in enumerate(range(0, num_shards, window)):
+        members = shards[start : start + window]
+        samples = np.concatenate(
+            [np.arange(s * shard_size, min((s + 1) * shard_size, num_samples)) for s in members]
+        )
+        rng = np.random.default_rng([seed, _WINDOW_STREAM, epoch, w])
+        parts.append(rng.permutation(samples))
+    return np.concatenate(parts).astype(np.int64)
+
+
+def batch_count(num_samples: int, batch_size: int, drop_remainder: bool) -> int:
+    """Batches per epoch: the last, smaller batch counts unless ``drop_remainder``."""
+    if drop_remainder:
+        return num_samples // batch_size
+    return -(-num_samples // batch_size)
