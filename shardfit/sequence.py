@@ -31,6 +31,7 @@ import keras
 import numpy as np
 import numpy.typing as npt
 
+from shardfit._buffers import BufferPool
 from shardfit._epoch import batch_count, epoch_order
 from shardfit._reader import ShardReader
 from shardfit.errors import InvalidOptionError
@@ -138,6 +139,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         self._served: set[int] = set()
         self._early = False  # the current epoch began before the hook that ends the last one
         self._plan: tuple[int, npt.NDArray[np.int64]] | None = None
+        self._pool: tuple[int, BufferPool] | None = None
         self._lock = threading.Lock()
         self._pid = os.getpid()  # the process that owns the epoch bookkeeping
 
@@ -169,7 +171,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         order = self._order(epoch)
         bs = self.options.batch_size
         samples = order[index * bs : (index + 1) * bs]
-        images = np.empty((samples.size, *self._reader.image_shape), dtype=np.float32)
+        images = self._buffers().array((samples.size, *self._reader.image_shape), np.float32)
         self._reader.read_into(samples, images)
         mode = self.options.label_mode
         if mode is None:
@@ -205,6 +207,15 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _buffers(self) -> BufferPool:
+        pool = self._pool
+        if pool is None or pool[0] != os.getpid():
+            # enough for every batch Keras can hold at once: its queue, its workers, and the
+            # batch being trained on; a batch still referenced anywhere is never reused
+            capacity = self.max_queue_size + max(self.workers, 1) + 2
+            pool = self._pool = (os.getpid(), BufferPool(capacity))
+        return pool[1]
+
     def _uses_processes(self) -> bool:
         return bool(self.use_multiprocessing) and self.workers > 0
 
@@ -239,6 +250,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         state = self.__dict__.copy()
         del state["_lock"]
         state["_plan"] = None  # recomputed where needed; it grows with the dataset
+        state["_pool"] = None
         state["_served"] = set()
         return state
 
