@@ -38,11 +38,18 @@ class BufferPool:
                 # references now: the list, the loop variable and getrefcount's argument
                 if owner.nbytes >= nbytes and sys.getrefcount(owner) == 3:
                     self.reused += 1
-                    return owner[:nbytes].view(dt).reshape(shape)
+                    return _shaped(owner, nbytes, dt, shape)
             owner = np.empty(max(nbytes, 1), dtype=np.uint8)
             if len(self._owners) < self.capacity:
                 self._owners.append(owner)
-            return owner[:nbytes].view(dt).reshape(shape)
+            return _shaped(owner, nbytes, dt, shape)
 
     def __len__(self) -> int:
         return len(self._owners)
+
+
+def _shaped(
+    owner: npt.NDArray[np.uint8], nbytes: int, dtype: np.dtype[Any], shape: tuple[int, ...]
+) -> npt.NDArray[Any]:
+    out: npt.NDArray[Any] = owner[:nbytes].view(dtype).reshape(shape)
+    return out
