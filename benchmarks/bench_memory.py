@@ -16,7 +16,6 @@ page cache of the mapped shards (Pss_File) is reported apart. The bound to meet 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -30,6 +29,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from _memory import tree_memory  # noqa: E402
+from _report import publish  # noqa: E402
 
 BATCH, WORKERS, QUEUE, SIZE = 32, 2, 10, 224
 
@@ -167,11 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{r['baseline_own'] / 1e6:.0f} MB" for r in rows)
         + ".",
     ]
-    table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory.json").write_text(json.dumps({"bound": bound, "rows": rows}, indent=1))
-    (args.out / "memory.md").write_text(table + "\n")
+    publish(args.out, "memory", {"bound": bound, "rows": rows}, lines)
     return 0
 
 

@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from _memory import PeakSampler  # noqa: E402
+from _report import publish  # noqa: E402
 
 
 def _photo(h: int, w: int, rng) -> np.ndarray:  # type: ignore[name-defined]  # noqa: F821
@@ -335,11 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             f"parallel bare loops in this run was {ceiling:.2f}x, so the packer reached "
             f"{many / ceiling:.0%} of what {cores} cores gave"
         )
-    table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pack.json").write_text(json.dumps(doc, indent=1))
-    (args.out / "pack.md").write_text(table + "\n")
+    publish(args.out, "pack", doc, lines)
     return 0
 
 

@@ -29,7 +29,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+
+from _report import publish  # noqa: E402
 
 
 def make_store(root: Path, images: int, size: int) -> Path:
@@ -187,11 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Goal: Sequence in-process at >= 80% of the memmap-copy loop: {seq_ratio:.0%}, "
         f"{'met' if seq_ratio >= 0.8 else 'NOT met'}.",
     ]
-    table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sequence.json").write_text(json.dumps({"rows": rows, "raw": raw}, indent=1))
-    (args.out / "sequence.md").write_text(table + "\n")
+    publish(args.out, "sequence", {"rows": rows, "raw": raw}, lines)
     return 0
 
 

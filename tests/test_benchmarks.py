@@ -6,32 +6,28 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from conftest import REPO
 
 
-def test_pack_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+def run_benchmark(script: str, out: Path, *args: str) -> Any:
+    """Run ``benchmarks/SCRIPT`` with ``args``; return the JSON document it wrote."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "bench_pack.py"),
-            "--images",
-            "12",
-            "--unique",
-            "4",
-            "--reps",
-            "1",
-            "--size",
-            "32",
-            "--out",
-            str(tmp_path),
-        ],
+        [sys.executable, str(REPO / "benchmarks" / script), *args, "--out", str(out)],
         capture_output=True,
         text=True,
         cwd=REPO,
+        timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr
-    doc = json.loads((tmp_path / "pack.json").read_text())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / script.replace("bench_", "").replace(".py", ".json")).read_text())
+
+
+def test_pack_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    doc = run_benchmark(
+        "bench_pack.py", tmp_path, "--images", "12", "--unique", "4", "--reps", "1", "--size", "32"
+    )
     variants = [row["variant"] for row in doc["rows"]]
     assert variants[:4] == ["bare", "bare-tuned", "write", "pack-1w"]
     assert all(row["median"] > 0 for row in doc["rows"])
@@ -40,27 +36,18 @@ def test_pack_benchmark_runs_end_to_end(tmp_path: Path) -> None:
 
 
 def test_sequence_benchmark_runs_end_to_end(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "bench_sequence.py"),
-            "--images",
-            "40",
-            "--size",
-            "32",
-            "--batch",
-            "8",
-            "--reps",
-            "1",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    doc = run_benchmark(
+        "bench_sequence.py",
+        tmp_path,
+        "--images",
+        "40",
+        "--size",
+        "32",
+        "--batch",
+        "8",
+        "--reps",
+        "1",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads((tmp_path / "sequence.json").read_text())
     assert [r["variant"] for r in doc["rows"]] == [
         "memmap-copy",
         "reader-into",
@@ -71,24 +58,7 @@ def test_sequence_benchmark_runs_end_to_end(tmp_path: Path) -> None:
 
 
 def test_memory_benchmark_runs_end_to_end(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "bench_memory.py"),
-            "--sizes",
-            "40",
-            "--tmp",
-            str(tmp_path),
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads((tmp_path / "memory.json").read_text())
+    doc = run_benchmark("bench_memory.py", tmp_path, "--sizes", "40", "--tmp", str(tmp_path))
     (row,) = doc["rows"]
     assert len(row["epochs"]) == 3
     assert row["baseline_own"] > 0
