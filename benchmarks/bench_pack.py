@@ -232,7 +232,7 @@ def machine() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=2400, help="images in the folder")
+    p.add_argument("--images", type=int, default=4800, help="images in the folder")
     p.add_argument("--unique", type=int, default=800, help="distinct images among them")
     p.add_argument("--size", type=int, default=224, help="packed image side in pixels")
     p.add_argument("--reps", type=int, default=5)

@@ -315,7 +315,6 @@ def test_a_corrupt_shard_fails_fit_with_the_clear_error(store, tmp_path: Path, m
     assert str(shard) in str(err.value)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_processes_under_other_start_methods(store, method: str) -> None:
     path, _ = store
