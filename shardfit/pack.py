@@ -19,7 +19,7 @@ import numpy as np
 
 from shardfit import __version__
 from shardfit._decode import DecodeSpec
-from shardfit._format import ATTRS_KEY, FORMAT_VERSION, PARTIAL_SUFFIX, STATE_DIR
+from shardfit._format import ATTRS_KEY, FORMAT_VERSION, PARTIAL_SUFFIX, STATE_DIR, read_info
 from shardfit._plan import global_order, stratified_split
 from shardfit._pool import DecodePool
 from shardfit._scan import ScanResult, scan_folder
@@ -247,6 +247,37 @@ def pack_images(
     if reused:
         log.info("resuming %s: %d complete shards kept", partial, reused)
     tasks = [(s, int(i)) for s, idx in plan.items() for i in idx[writers[s].pos :]]
+    _decode_into_shards(scan, options, plan, tasks, writers, progress)
+    skipped = _finalize(partial, scan, options, writers)
+    _publish(partial, out_s)
+    splits = read_info(out_s).splits
+    return PackReport(
+        output=out_s,
+        class_names=scan.class_names,
+        counts={s: info.count for s, info in splits.items()},
+        counts_per_class={s: list(info.counts_per_class) for s, info in splits.items()},
+        shard_size=shard_size,
+        num_shards={s: info.num_shards for s, info in splits.items()},
+        skipped=skipped,
+        ignored=list(scan.ignored),
+        reused_shards=reused,
+        decoded=len(tasks),
+        seconds=time.perf_counter() - started,
+        bytes_written=sum(wr.bytes_written for wr in writers.values()),
+    )
+
+
+def _decode_into_shards(
+    scan: ScanResult,
+    options: PackOptions,
+    plan: dict[str, np.ndarray],
+    tasks: list[tuple[str, int]],
+    writers: dict[str, SplitWriter],
+    progress: bool,
+) -> None:
+    """Decode ``tasks`` (split, file index) in worker processes, in order, into the writers."""
+    from tqdm import tqdm
+
     h, w = options.image_size
     spec = DecodeSpec(
         height=h,
@@ -256,11 +287,10 @@ def pack_images(
         dtype=options.dtype,
         background=options.background,
     )
-    from tqdm import tqdm
-
-    skipped_now = 0
+    skipped = 0
     # disable=None: a bar only on a terminal, so that logs and pipes get no bar fragments
     bar = tqdm(total=len(tasks), unit="img", disable=None if progress else True, dynamic_ncols=True)
+    bar.set_postfix(skipped=0, refresh=False)
     try:
         with DecodePool(options.resolved_workers(), spec, options.compression) as pool:
             sources = [os.path.join(scan.root, scan.paths[i]) for _, i in tasks]
@@ -269,21 +299,29 @@ def pack_images(
                 if result.chunk is None:
                     if options.on_error == "raise":
                         raise ImageDecodeError(os.path.join(scan.root, rel), result.error or "")
-                    skipped_now += 1
+                    skipped += 1
                     log.warning("skipped %s: %s", rel, result.error)
-                    bar.set_postfix(skipped=skipped_now, refresh=False)
+                    bar.set_postfix(skipped=skipped, refresh=False)
                 writers[split].add(rel, int(scan.labels[i]), result.chunk, result.error)
                 bar.update()
                 if writers[split].pos == len(plan[split]):
                     writers[split].flush()
     except BaseException:
         for writer in writers.values():
-            writer.abort()
+            writer.abort()  # the shard being written is redone by a resume
         raise
     finally:
         bar.close()
     for writer in writers.values():
         writer.flush()  # a split with nothing left to decode (resumed at its very end)
+
+
+def _finalize(
+    partial: str, scan: ScanResult, options: PackOptions, writers: dict[str, SplitWriter]
+) -> list[tuple[str, str]]:
+    """Write every split's arrays and the root attributes (``complete: true`` last of all);
+    return the skipped files."""
+    import zarr
 
     base = _base_attrs(options, scan)
     splits_attrs = {
@@ -294,15 +332,13 @@ def pack_images(
             image_size=options.image_size,
             dtype=options.dtype,
             compression=options.compression,
-            shard_size=shard_size,
-            num_classes=num_classes,
+            shard_size=options.resolved_shard_size(),
+            num_classes=len(scan.class_names),
             group_attrs=base,
         )
         for s, wr in writers.items()
     }
     skipped = [item for wr in writers.values() for r in wr.records for item in r.skipped]
-    import zarr
-
     root = zarr.open_group(partial, mode="r+")
     root.attrs[ATTRS_KEY] = {
         **base,
@@ -311,21 +347,7 @@ def pack_images(
         "ignored": [{"path": p, "reason": r} for p, r in scan.ignored],
         "complete": True,
     }
-    _publish(partial, out_s)
-    return PackReport(
-        output=out_s,
-        class_names=scan.class_names,
-        counts={s: a["count"] for s, a in splits_attrs.items()},
-        counts_per_class={s: a["counts_per_class"] for s, a in splits_attrs.items()},
-        shard_size=shard_size,
-        num_shards={s: a["num_shards"] for s, a in splits_attrs.items()},
-        skipped=skipped,
-        ignored=list(scan.ignored),
-        reused_shards=reused,
-        decoded=len(tasks),
-        seconds=time.perf_counter() - started,
-        bytes_written=sum(wr.bytes_written for wr in writers.values()),
-    )
+    return skipped
 
 
 def _remove_temp_files(store: str) -> None:

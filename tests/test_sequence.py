@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
-import multiprocessing as mp
+import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -315,17 +317,34 @@ def test_a_corrupt_shard_fails_fit_with_the_clear_error(store, tmp_path: Path, m
     assert str(shard) in str(err.value)
 
 
+_START_METHOD_CHILD = """
+import json, multiprocessing as mp, sys
+mp.set_start_method(sys.argv[1], force=True)  # first thing: Keras keeps fork-context globals
+sys.path.insert(0, sys.argv[3])
+from test_sequence import MODES, fit_and_record
+from shardfit import Sequence
+if __name__ == "__main__":
+    seq = Sequence(sys.argv[2], batch_size=8, seed=7, **MODES["processes"])
+    print("SEEN " + json.dumps(fit_and_record(seq, epochs=2, shuffle=False)))
+"""
+
+
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
-def test_processes_under_other_start_methods(store, method: str) -> None:
+def test_processes_under_other_start_methods(store, method: str, tmp_path: Path) -> None:
+    # A fresh interpreter: Keras cannot switch start methods once it has used process workers.
     path, _ = store
+    script = tmp_path / "child.py"
+    script.write_text(_START_METHOD_CHILD)
+    proc = subprocess.run(
+        [sys.executable, str(script), method, str(path), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("SEEN "))
+    seen = {int(k): v for k, v in json.loads(line[5:]).items()}
     expected = sorted(stored_index(path, "train").tolist())
-    old = mp.get_start_method()
-    mp.set_start_method(method, force=True)
-    try:
-        seq = Sequence(path, batch_size=8, seed=7, **MODES["processes"])
-        seen = fit_and_record(seq, epochs=2, shuffle=False)
-    finally:
-        mp.set_start_method(old, force=True)
     for indices in seen.values():
         assert sorted(indices) == expected
     full = fit_and_record(Sequence(path, batch_size=8, seed=7), epochs=2, shuffle=False)
