@@ -11,8 +11,9 @@ from typing import Any
 from conftest import REPO
 
 
-def run_benchmark(script: str, out: Path, *args: str) -> Any:
-    """Run ``benchmarks/SCRIPT`` with ``args``; return the JSON document it wrote."""
+def run_benchmark(script: str, out: Path, *args: str, result: str | None = None) -> Any:
+    """Run ``benchmarks/SCRIPT`` with ``args``; return the JSON document it wrote
+    (``RESULT.json``, by default named after the script)."""
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), *args, "--out", str(out)],
         capture_output=True,
@@ -21,7 +22,8 @@ def run_benchmark(script: str, out: Path, *args: str) -> Any:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / script.replace("bench_", "").replace(".py", ".json")).read_text())
+    name = result or script.replace("bench_", "").replace(".py", "")
+    return json.loads((out / f"{name}.json").read_text())
 
 
 def test_pack_benchmark_runs_end_to_end(tmp_path: Path) -> None:
@@ -62,3 +64,18 @@ def test_memory_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     (row,) = doc["rows"]
     assert len(row["epochs"]) == 3
     assert row["baseline_own"] > 0
+
+
+def test_loader_benchmark_small_runs_every_variant(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _loaders import VARIANTS
+
+    doc = run_benchmark("run.py", tmp_path, "--size", "small", result="loaders")
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert set(rows) == set(VARIANTS)
+    for name, row in rows.items():
+        assert not row["errors"], (name, row["errors"])
+        assert row["median"] > 0
+        assert row["shm_left"] == []
+    assert doc["regimes_not_run"] == {"constrained": "not implemented yet"}
+    assert (tmp_path / "loaders.png").stat().st_size > 0

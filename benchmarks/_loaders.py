@@ -1,0 +1,314 @@
+"""The loaders the comparison benchmark runs, each as a factory of one-epoch batch iterators.
+
+Every variant serves the same samples (the train split of the same packed store, or the
+source JPEGs it was packed from) as (images float32 in [0, 1], labels) batches of
+``ctx.batch``. A factory gets a :class:`Ctx` and returns ``epoch(e) -> iterator``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Batch = tuple[Any, Any]
+EpochFn = Callable[[int], Iterator[Batch]]
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """Where the data is: ``stores`` by dtype/codec name, ``src`` the JPEG folder."""
+
+    stores: dict[str, Path]
+    src: Path
+    batch: int
+    size: int
+
+
+def _reader(ctx: Ctx, name: str = "float32"):  # type: ignore[no-untyped-def]
+    from shardfit._reader import ShardReader
+
+    return ShardReader(ctx.stores[name], "train")
+
+
+def _plan(ctx: Ctx, epoch: int) -> list[np.ndarray]:
+    """Batches of epoch ``epoch`` as shardfit.Sequence(seed=0) cuts them (without Keras)."""
+    from shardfit._epoch import epoch_order
+
+    r = _reader(ctx)
+    order = epoch_order(r.count, r.shard_size, seed=0, epoch=epoch, shuffle=True, window=4)
+    return [order[s : s + ctx.batch] for s in range(0, r.count, ctx.batch)]
+
+
+def shard_files(store: Path) -> list[Path]:
+    """Every shard file of the train split, in shard order."""
+    from shardfit._format import shard_path
+    from shardfit._reader import ShardReader
+
+    r = ShardReader(store, "train")
+    return [Path(shard_path(str(store), "train", k)) for k in range(r.num_shards)]
+
+
+# -- ceilings ---------------------------------------------------------------------------------
+
+
+def ceiling_ram(ctx: Ctx) -> EpochFn:
+    """Copy from an in-RAM array into one reused buffer: the memory bus alone."""
+    r = _reader(ctx)
+    data = np.empty((r.count, *r.image_shape), np.float32)
+    r.read_into(np.arange(r.count), data)
+    labels = r.labels()
+    buf = np.empty((ctx.batch, *r.image_shape), np.float32)
+
+    def epoch(e: int) -> Iterator[Batch]:
+        for idx in _plan(ctx, e):
+            out = buf[: idx.size]
+            np.take(data, idx, axis=0, out=out)
+            yield out, labels[idx]
+
+    return epoch
+
+
+def ceiling_memmap(ctx: Ctx) -> EpochFn:
+    """np.memmap of every shard file, each sample copied into one reused buffer."""
+    from shardfit._shardio import read_shard_index
+
+    r = _reader(ctx)
+    maps = []
+    for k, file in enumerate(shard_files(ctx.stores["float32"])):
+        n = min(r.shard_size, r.count - k * r.shard_size)
+        off = int(read_shard_index(str(file), r.shard_size)[0, 0])
+        maps.append(np.memmap(file, np.float32, "r", off, (n, *r.image_shape)))
+    labels = r.labels()
+    buf = np.empty((ctx.batch, *r.image_shape), np.float32)
+
+    def epoch(e: int) -> Iterator[Batch]:
+        for idx in _plan(ctx, e):
+            for b, i in enumerate(idx.tolist()):
+                k, j = divmod(i, r.shard_size)
+                buf[b] = maps[k][j]
+            yield buf[: idx.size], labels[idx]
+
+    return epoch
+
+
+def ceiling_preadv(ctx: Ctx) -> EpochFn:
+    """Large os.preadv reads of whole shard files into one reused buffer: the disk's pace.
+
+    Reads shards in the epoch's shard order; batches are cut from the shard just read."""
+    r = _reader(ctx)
+    labels = r.labels()
+    per = int(np.prod(r.image_shape)) * 4
+    buf = np.empty(r.shard_size * per, np.uint8)
+    files = shard_files(ctx.stores["float32"])
+
+    def epoch(e: int) -> Iterator[Batch]:
+        order = np.random.default_rng([0, e]).permutation(len(files))
+        for k in order.tolist():
+            n = min(r.shard_size, r.count - k * r.shard_size)
+            fd = os.open(files[k], os.O_RDONLY)
+            try:
+                got = 0
+                while got < n * per:
+                    got += os.preadv(
+                        fd, [memoryview(buf)[got : min(n * per, got + (8 << 20))]], got
+                    )
+            finally:
+                os.close(fd)
+            images = buf[: n * per].view(np.float32).reshape(n, *r.image_shape)
+            for s in range(0, n, ctx.batch):
+                yield (
+                    images[s : s + ctx.batch],
+                    labels[k * r.shard_size + s : k * r.shard_size + s + ctx.batch],
+                )
+
+    return epoch
+
+
+# -- shardfit ---------------------------------------------------------------------------------
+
+
+def _shardfit(name: str) -> Callable[[Ctx], EpochFn]:
+    def factory(ctx: Ctx) -> EpochFn:
+        from shardfit import Sequence
+
+        seq = Sequence(ctx.stores[name], batch_size=ctx.batch, seed=0)
+
+        def epoch(e: int) -> Iterator[Batch]:
+            # called for epochs 0, 1, ... in turn: each full pass advances the Sequence's epoch
+            for i in range(len(seq)):
+                yield seq[i]
+
+        return epoch
+
+    return factory
+
+
+def _keras_adapter(seq: Any) -> EpochFn:
+    """Batches the way ``fit`` pulls them: Keras's PyDataset adapter, its workers included."""
+    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
+    adapter = PyDatasetAdapter(seq, shuffle=False)
+
+    def epoch(e: int) -> Iterator[Batch]:
+        adapter.on_epoch_begin()
+        yield from adapter.get_numpy_iterator()
+        adapter.on_epoch_end()
+
+    return epoch
+
+
+def shardfit_workers(use_multiprocessing: bool) -> Callable[[Ctx], EpochFn]:
+    def factory(ctx: Ctx) -> EpochFn:
+        from shardfit import Sequence
+
+        seq = Sequence(
+            ctx.stores["float32"],
+            batch_size=ctx.batch,
+            seed=0,
+            workers=2,
+            use_multiprocessing=use_multiprocessing,
+            max_queue_size=10,
+        )
+        return _keras_adapter(seq)
+
+    return factory
+
+
+# -- what people use today --------------------------------------------------------------------
+
+
+def zarr_naive(ctx: Ctx) -> EpochFn:
+    """A PyDataset that indexes the zarr array with zarr-python for every batch."""
+    import zarr
+
+    root = zarr.open_group(str(ctx.stores["float32"]), mode="r")
+    images, labels = root["train/images"], root["train/labels"][:]
+
+    def epoch(e: int) -> Iterator[Batch]:
+        for idx in _plan(ctx, e):
+            yield images.get_orthogonal_selection((idx,)), labels[idx]
+
+    return epoch
+
+
+def pil_sequence(ctx: Ctx) -> EpochFn:
+    """The ``fit_generator`` articles' Sequence: open, convert, resize every JPEG every batch."""
+    from PIL import Image
+
+    classes = sorted(p.name for p in ctx.src.iterdir() if p.is_dir())
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((ctx.src / name).iterdir())]
+
+    def epoch(e: int) -> Iterator[Batch]:
+        order = np.random.default_rng([0, e]).permutation(len(files))
+        for s in range(0, len(files), ctx.batch):
+            chunk = [files[i] for i in order[s : s + ctx.batch]]
+            x = np.stack(
+                [
+                    np.asarray(
+                        Image.open(f).convert("RGB").resize((ctx.size, ctx.size)), np.float32
+                    )
+                    / 255
+                    for f, _ in chunk
+                ]
+            )
+            yield x, np.array([c for _, c in chunk], np.int32)
+
+    return epoch
+
+
+def image_dataset_from_directory(ctx: Ctx) -> EpochFn:
+    import keras
+    import tensorflow as tf
+
+    ds = (
+        keras.utils.image_dataset_from_directory(
+            ctx.src,
+            image_size=(ctx.size, ctx.size),
+            batch_size=ctx.batch,
+            shuffle=True,
+            seed=0,
+            verbose=False,
+        )
+        .map(lambda x, y: (x / 255.0, y))
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+    def epoch(e: int) -> Iterator[Batch]:
+        for x, y in ds:
+            yield x.numpy(), y.numpy()
+
+    return epoch
+
+
+def in_memory(ctx: Ctx) -> EpochFn:
+    """Everything loaded into numpy arrays first; fancy-indexed batches (what fit(x, y) does)."""
+    r = _reader(ctx)
+    data = np.empty((r.count, *r.image_shape), np.float32)
+    r.read_into(np.arange(r.count), data)
+    labels = r.labels()
+
+    def epoch(e: int) -> Iterator[Batch]:
+        for idx in _plan(ctx, e):
+            yield data[idx], labels[idx]
+
+    return epoch
+
+
+def tfdata_shards(ctx: Ctx) -> EpochFn:
+    """A hand-written tf.data pipeline over the same shard bytes: interleave the shard files as
+    fixed-length records, parallel map, shuffle, batch, prefetch."""
+    import tensorflow as tf
+
+    r = _reader(ctx)
+    files = [str(f) for f in shard_files(ctx.stores["float32"])]
+    labels = r.labels()
+    per = int(np.prod(r.image_shape)) * 4
+    footer = 16 * r.shard_size + 4
+    starts = np.array([k * r.shard_size for k in range(len(files))], np.int64)
+
+    def records(k: Any) -> Any:
+        images = tf.data.FixedLengthRecordDataset(tf.gather(files, k), per, footer_bytes=footer)
+        ids = tf.data.Dataset.range(tf.gather(starts, k), tf.gather(starts, k) + r.shard_size)
+        return tf.data.Dataset.zip((images, ids))
+
+    def decode(raw: Any, i: Any) -> Any:
+        x = tf.reshape(tf.io.decode_raw(raw, tf.float32), r.image_shape)
+        return x, tf.gather(labels, i)
+
+    def epoch(e: int) -> Iterator[Batch]:
+        ds = (
+            tf.data.Dataset.from_tensor_slices(
+                np.random.default_rng([0, e]).permutation(len(files))
+            )
+            .interleave(records, cycle_length=4, num_parallel_calls=tf.data.AUTOTUNE)
+            .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+            .shuffle(4 * ctx.batch, seed=e)
+            .batch(ctx.batch)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+        for x, y in ds:
+            yield x.numpy(), y.numpy()
+
+    return epoch
+
+
+VARIANTS: dict[str, Callable[[Ctx], EpochFn]] = {
+    "ceiling: RAM copy": ceiling_ram,
+    "ceiling: memmap copy": ceiling_memmap,
+    "ceiling: preadv": ceiling_preadv,
+    "shardfit float32": _shardfit("float32"),
+    "shardfit uint8": _shardfit("uint8"),
+    "shardfit zstd": _shardfit("zstd"),
+    "shardfit 2 threads": shardfit_workers(False),
+    "shardfit 2 processes": shardfit_workers(True),
+    "zarr-python PyDataset": zarr_naive,
+    "PIL Sequence": pil_sequence,
+    "image_dataset_from_directory": image_dataset_from_directory,
+    "in-memory numpy": in_memory,
+    "tf.data over shards": tfdata_shards,
+}

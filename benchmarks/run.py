@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""Loader benchmark: shardfit beside what people use today and the machine's own ceilings,
+on the same bytes, in one run. Throughput against RAM.
+
+Run: ``python benchmarks/run.py --size small`` (under a minute; what CI's smoke test runs) or
+``--size full``. Every (variant, regime, repetition) runs in a fresh process; variants are
+interleaved; the warm regime discards one warm-up epoch; the consumer touches every batch.
+
+Regimes:
+- ``warm``: page cache primed by a discarded first epoch.
+- ``cold``: the shard files' and source JPEGs' pages dropped (``posix_fadvise(DONTNEED)``)
+  before the one, timed epoch.
+- ``constrained`` (dataset at least twice a cgroup memory limit): not implemented yet; the
+  report says so.
+
+Figures per row: images/s (median, min-max), percent of the regime's ceiling, images per
+CPU-second (process tree), time to first batch, and RAM: the peak of the loader's own memory
+(tree Pss_Anon + Pss_Shmem, 4 Hz), mapped files (Pss_File) apart, summed RSS flagged, and
+/dev/shm segments left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from _memory import PeakSampler  # noqa: E402
+from _report import publish  # noqa: E402
+
+SIZES = {  # images, side in pixels, repetitions, regimes
+    "small": (192, 64, 1, ("warm",)),
+    "full": (7200, 224, 3, ("warm", "cold")),
+}
+CEILING = {"warm": "ceiling: memmap copy", "cold": "ceiling: preadv"}
+#: Variants that need Keras (and so TensorFlow) imported: measured from that baseline.
+USES_KERAS = {
+    "shardfit float32",
+    "shardfit uint8",
+    "shardfit zstd",
+    "shardfit 2 threads",
+    "shardfit 2 processes",
+    "image_dataset_from_directory",
+    "tf.data over shards",
+}
+
+
+def _drop_cache(paths: list[Path]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def child(args: argparse.Namespace) -> None:
+    from _loaders import VARIANTS, Ctx, shard_files
+    from _memory import tree_memory
+
+    stores = {k: Path(v) for k, v in json.loads(args.stores).items()}
+    ctx = Ctx(stores=stores, src=Path(args.src), batch=args.batch, size=args.px)
+    if args.child in USES_KERAS:
+        import keras  # noqa: F401  (the framework's own memory is the baseline, not the loader's)
+    baseline = tree_memory(os.getpid()).own
+    epoch = VARIANTS[args.child](ctx)
+    start_epoch = 0
+    if args.regime == "warm":
+        for _ in epoch(0):
+            pass
+        start_epoch = 1
+    else:
+        files = [f for s in stores.values() for f in shard_files(s)]
+        files += [p for p in ctx.src.rglob("*") if p.is_file()]
+        _drop_cache(files)
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    first = None
+    images = 0
+    checksum = 0.0
+    for x, y in epoch(start_epoch):
+        if first is None:
+            first = time.perf_counter() - t0
+        checksum += float(x[-1, -1, -1, -1]) + float(y[-1])  # the consumer touches every batch
+        images += len(x)
+    seconds = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = sum(
+        b.ru_utime + b.ru_stime - a.ru_utime - a.ru_stime for a, b in zip(cpu0, cpu1, strict=True)
+    )
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "images": images,
+                "seconds": seconds,
+                "first_batch_s": first,
+                "cpu_s": cpu,
+                "baseline": baseline,
+            }
+        ),
+        flush=True,
+    )
+
+
+def _shm_segments() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except OSError:
+        return set()
+
+
+def measure(variant: str, regime: str, data: dict, batch: int, px: int) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--regime",
+        regime,
+        "--stores",
+        json.dumps(data["stores"]),
+        "--src",
+        data["src"],
+        "--batch",
+        str(batch),
+        "--px",
+        str(px),
+    ]
+    before = _shm_segments()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with PeakSampler(proc.pid, interval=0.25) as sampler:
+        out, err = proc.communicate()
+    leftover = sorted(_shm_segments() - before)
+    if proc.returncode != 0:
+        oom = proc.returncode == -9
+        return {
+            "error": "OOM-killed" if oom else f"exit {proc.returncode}: {err.strip()[-300:]}",
+            "shm_left": leftover,
+        }
+    result = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
+    result.update(
+        peak_own=sampler.peak.own,
+        peak_file=sampler.peak.file,
+        peak_rss=sampler.peak.rss,
+        shm_left=leftover,
+    )
+    return result
+
+
+def prepare(root: Path, images: int, px: int, src: Path | None) -> dict:
+    from bench_pack import make_images
+
+    import shardfit
+
+    if src is None:
+        src = root / "images"
+        make_images(src, images, unique=min(images, 400))
+    stores = {}
+    for name, kw in {
+        "float32": {},
+        "uint8": {"dtype": "uint8"},
+        "zstd": {"compression": "zstd"},
+    }.items():
+        stores[name] = str(root / f"{name}.zarr")
+        shardfit.pack_images(src, stores[name], image_size=(px, px), **kw)
+    return {"src": str(src), "stores": stores}
+
+
+def machine() -> dict:
+    from bench_pack import machine as base
+
+    info = base()
+    disk = shutil.disk_usage(tempfile.gettempdir())
+    info.update(disk_free_gb=round(disk.free / 1e9), platform=platform.platform())
+    try:
+        import keras
+        import tensorflow as tf
+
+        info.update(tensorflow=tf.__version__, keras=keras.__version__)
+    except ImportError:
+        pass
+    return info
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    regimes = sorted({r["regime"] for r in rows})
+    fig, axes = plt.subplots(1, len(regimes), figsize=(7 * len(regimes), 5), squeeze=False)
+    for ax, regime in zip(axes[0], regimes, strict=True):
+        for r in (r for r in rows if r["regime"] == regime and "median" in r):
+            ax.scatter(r["peak_own_mb"], r["median"], s=40)
+            ax.annotate(
+                r["variant"],
+                (r["peak_own_mb"], r["median"]),
+                fontsize=7,
+                xytext=(4, 2),
+                textcoords="offset points",
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("loader's own RAM, peak (MB, tree Pss_Anon + Pss_Shmem)")
+        ax.set_ylabel("images / s")
+        ax.set_title(f"{regime} regime")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=SIZES, default="small")
+    p.add_argument("--images", type=Path, default=None, help="use this image folder")
+    p.add_argument("--variants", nargs="+", default=None, help="a subset of the variants")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    for hidden in ("--child", "--regime", "--stores", "--src"):
+        p.add_argument(hidden, help=argparse.SUPPRESS)
+    p.add_argument("--px", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(args)
+        return 0
+    from _loaders import VARIANTS
+    from tqdm import tqdm
+
+    n_images, px, reps, regimes = SIZES[args.size]
+    variants = args.variants or list(VARIANTS)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        print(
+            f"run.py: error: unknown variants {unknown}; known: {list(VARIANTS)}", file=sys.stderr
+        )
+        return 2
+    raw: dict[tuple[str, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="shardfit-bench-run-") as tmp:
+        print(f"preparing {n_images} images at {px}x{px} ...", file=sys.stderr)
+        data = prepare(Path(tmp), n_images, px, args.images)
+        runs = [(v, g) for _ in range(reps) for g in regimes for v in variants]
+        for v, g in tqdm(runs, desc="runs", file=sys.stderr):
+            raw.setdefault((v, g), []).append(measure(v, g, data, args.batch, px))
+    rows = []
+    for (v, g), results in raw.items():
+        ok = [r for r in results if "error" not in r]
+        row: dict = {
+            "variant": v,
+            "regime": g,
+            "runs": len(results),
+            "errors": [r["error"] for r in results if "error" in r],
+            "shm_left": sorted({s for r in results for s in r["shm_left"]}),
+        }
+        if ok:
+            rates = [r["images"] / r["seconds"] for r in ok]
+            row.update(
+                median=statistics.median(rates),
+                min=min(rates),
+                max=max(rates),
+                per_cpu_s=statistics.median(r["images"] / max(r["cpu_s"], 1e-9) for r in ok),
+                first_batch_s=statistics.median(r["first_batch_s"] or 0 for r in ok),
+                peak_own_mb=max(r["peak_own"] - r["baseline"] for r in ok) / 1e6,
+                baseline_mb=max(r["baseline"] for r in ok) / 1e6,
+                peak_file_mb=max(r["peak_file"] for r in ok) / 1e6,
+                peak_rss_mb=max(r["peak_rss"] for r in ok) / 1e6,
+            )
+        rows.append(row)
+    for row in rows:
+        ceiling = next(
+            (
+                r
+                for r in rows
+                if r["variant"] == CEILING[row["regime"]]
+                and r["regime"] == row["regime"]
+                and "median" in r
+            ),
+            None,
+        )
+        if ceiling and "median" in row:
+            row["pct_of_ceiling"] = 100 * row["median"] / ceiling["median"]
+    doc = {
+        "machine": machine(),
+        "size": args.size,
+        "images": n_images,
+        "px": px,
+        "reps": reps,
+        "regimes_run": list(regimes),
+        "regimes_not_run": {"constrained": "not implemented yet"},
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "rows": rows,
+    }
+    lines = [
+        f"Loader benchmark ({args.size}): {n_images} images {px}x{px}x3, batch {args.batch}, "
+        f"{reps} repetition(s), {doc['machine']['cores']} cores, {doc['date']}. Regimes run: "
+        f"{', '.join(regimes)}; constrained: not implemented yet.",
+        "",
+        "| regime | variant | images/s median (min-max) | % of ceiling | img per CPU-s "
+        "| first batch | loader's own RAM peak | imports baseline | mapped files "
+        "| summed RSS (double-counts) | /dev/shm left |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "median" not in r:
+            failed = "; ".join(r["errors"])
+            lines.append(f"| {r['regime']} | {r['variant']} | failed: {failed} |" + " |" * 8)
+            continue
+        pct = f"{r['pct_of_ceiling']:.0f}%" if "pct_of_ceiling" in r else "-"
+        lines.append(
+            f"| {r['regime']} | {r['variant']} | "
+            f"{r['median']:.0f} ({r['min']:.0f}-{r['max']:.0f}) | "
+            f"{pct} | {r['per_cpu_s']:.0f} | {r['first_batch_s'] * 1000:.0f} ms | "
+            f"{max(r['peak_own_mb'], 0):.0f} MB | {r['baseline_mb']:.0f} MB | "
+            f"{r['peak_file_mb']:.0f} MB | {r['peak_rss_mb']:.0f} MB | "
+            f"{len(r['shm_left'])} |"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    if plot(rows, args.out / "loaders.png"):
+        lines += [
+            "",
+            "Plot: loaders.png (images/s against the loader's own RAM, one panel per regime).",
+        ]
+    publish(args.out, "loaders", doc, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
