@@ -259,7 +259,7 @@ def in_memory(ctx: Ctx) -> EpochFn:
     return epoch
 
 
-def tfdata_shards(ctx: Ctx) -> EpochFn:
+def tfdata_dataset(ctx: Ctx, e: int) -> Any:
     """A hand-written tf.data pipeline over the same shard bytes: interleave the shard files as
     fixed-length records, parallel map, shuffle, batch, prefetch."""
     import tensorflow as tf
@@ -280,18 +280,19 @@ def tfdata_shards(ctx: Ctx) -> EpochFn:
         x = tf.reshape(tf.io.decode_raw(raw, tf.float32), r.image_shape)
         return x, tf.gather(labels, i)
 
+    return (
+        tf.data.Dataset.from_tensor_slices(np.random.default_rng([0, e]).permutation(len(files)))
+        .interleave(records, cycle_length=4, num_parallel_calls=tf.data.AUTOTUNE)
+        .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        .shuffle(4 * ctx.batch, seed=e)
+        .batch(ctx.batch)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def tfdata_shards(ctx: Ctx) -> EpochFn:
     def epoch(e: int) -> Iterator[Batch]:
-        ds = (
-            tf.data.Dataset.from_tensor_slices(
-                np.random.default_rng([0, e]).permutation(len(files))
-            )
-            .interleave(records, cycle_length=4, num_parallel_calls=tf.data.AUTOTUNE)
-            .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-            .shuffle(4 * ctx.batch, seed=e)
-            .batch(ctx.batch)
-            .prefetch(tf.data.AUTOTUNE)
-        )
-        for x, y in ds:
+        for x, y in tfdata_dataset(ctx, e):
             yield x.numpy(), y.numpy()
 
     return epoch
@@ -311,4 +312,117 @@ VARIANTS: dict[str, Callable[[Ctx], EpochFn]] = {
     "image_dataset_from_directory": image_dataset_from_directory,
     "in-memory numpy": in_memory,
     "tf.data over shards": tfdata_shards,
+}
+
+
+# -- end to end: the same loaders feeding model.fit -------------------------------------------
+
+
+def _pydataset(length: int, get: Callable[[int], Batch], **kwargs: Any) -> Any:
+    import keras
+
+    class Wrapped(keras.utils.PyDataset):  # type: ignore[misc]
+        def __len__(self) -> int:
+            return length
+
+        def __getitem__(self, i: int) -> Batch:
+            return get(i)
+
+    return Wrapped(**kwargs)
+
+
+def fit_constant(ctx: Ctx) -> Any:
+    """The framework's own ceiling: one in-memory batch served again and again."""
+    r = _reader(ctx)
+    x = np.empty((ctx.batch, *r.image_shape), np.float32)
+    r.read_into(np.arange(ctx.batch), x)
+    y = r.labels()[: ctx.batch]
+    return _pydataset(-(-r.count // ctx.batch), lambda i: (x, y))
+
+
+def fit_shardfit(**kwargs: Any) -> Callable[[Ctx], Any]:
+    def factory(ctx: Ctx) -> Any:
+        from shardfit import Sequence
+
+        return Sequence(ctx.stores["float32"], batch_size=ctx.batch, seed=0, **kwargs)
+
+    return factory
+
+
+def fit_in_memory(ctx: Ctx) -> Any:
+    r = _reader(ctx)
+    data = np.empty((r.count, *r.image_shape), np.float32)
+    r.read_into(np.arange(r.count), data)
+    return data, r.labels()
+
+
+def fit_pil(ctx: Ctx) -> Any:
+    from PIL import Image
+
+    classes = sorted(p.name for p in ctx.src.iterdir() if p.is_dir())
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((ctx.src / name).iterdir())]
+
+    def get(i: int) -> Batch:
+        chunk = files[i * ctx.batch : (i + 1) * ctx.batch]
+        x = np.stack(
+            [
+                np.asarray(Image.open(f).convert("RGB").resize((ctx.size, ctx.size)), np.float32)
+                / 255
+                for f, _ in chunk
+            ]
+        )
+        return x, np.array([c for _, c in chunk], np.int32)
+
+    return _pydataset(-(-len(files) // ctx.batch), get)
+
+
+def fit_zarr(ctx: Ctx) -> Any:
+    import zarr
+
+    root = zarr.open_group(str(ctx.stores["float32"]), mode="r")
+    images, labels = root["train/images"], root["train/labels"][:]
+    n = images.shape[0]
+    order = np.random.default_rng(0).permutation(n)
+
+    def get(i: int) -> Batch:
+        idx = np.sort(order[i * ctx.batch : (i + 1) * ctx.batch])
+        return images.get_orthogonal_selection((idx,)), labels[idx]
+
+    return _pydataset(-(-n // ctx.batch), get)
+
+
+def fit_idfd(ctx: Ctx) -> Any:
+    import keras
+    import tensorflow as tf
+
+    return (
+        keras.utils.image_dataset_from_directory(
+            ctx.src,
+            image_size=(ctx.size, ctx.size),
+            batch_size=ctx.batch,
+            shuffle=True,
+            seed=0,
+            verbose=False,
+        )
+        .map(lambda x, y: (x / 255.0, y))
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def fit_tfdata(ctx: Ctx) -> Any:
+    return tfdata_dataset(ctx, 0)
+
+
+FIT_VARIANTS: dict[str, Callable[[Ctx], Any]] = {
+    "fit: constant batch (ceiling)": fit_constant,
+    "fit: shardfit": fit_shardfit(),
+    "fit: shardfit 2 threads": fit_shardfit(workers=2, max_queue_size=10),
+    "fit: shardfit 2 processes": fit_shardfit(
+        workers=2, use_multiprocessing=True, max_queue_size=10
+    ),
+    "fit: in-memory numpy": fit_in_memory,
+    "fit: PIL Sequence": fit_pil,
+    "fit: zarr-python PyDataset": fit_zarr,
+    "fit: image_dataset_from_directory": fit_idfd,
+    "fit: tf.data over shards": fit_tfdata,
 }

@@ -46,6 +46,7 @@ SIZES = {  # images, side in pixels, repetitions, regimes
     "full": (7200, 224, 3, ("warm", "cold")),
 }
 CEILING = {"warm": "ceiling: memmap copy", "cold": "ceiling: preadv"}
+FIT_CEILING = "fit: constant batch (ceiling)"
 #: Variants that need Keras (and so TensorFlow) imported: measured from that baseline.
 USES_KERAS = {
     "shardfit float32",
@@ -67,12 +68,88 @@ def _drop_cache(paths: list[Path]) -> None:
             os.close(fd)
 
 
+def child_fit(args: argparse.Namespace, ctx: object) -> None:
+    """One variant feeding ``model.fit`` of a small model; times the last epoch."""
+    import keras
+    from _loaders import FIT_VARIANTS
+    from _memory import tree_memory
+
+    baseline = tree_memory(os.getpid()).own
+    data = FIT_VARIANTS[args.child](ctx)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((args.px, args.px, 3)),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(4),
+        ]
+    )
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    marks: list[tuple[float, float | None, int]] = []
+
+    class Timer(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_epoch_begin(self, epoch, logs=None):  # type: ignore[no-untyped-def]
+            self.t0, self.first, self.batches = time.perf_counter(), None, 0
+
+        def on_train_batch_end(self, batch, logs=None):  # type: ignore[no-untyped-def]
+            self.batches += 1
+            self.last = time.perf_counter()
+            if self.first is None:
+                self.first = self.last
+
+        def on_epoch_end(self, epoch, logs=None):  # type: ignore[no-untyped-def]
+            marks.append((time.perf_counter() - self.t0, self.last - self.first, self.batches))
+
+    epochs = 2 if args.regime == "warm" else 1
+    if args.regime == "cold":
+        from _loaders import shard_files
+
+        _drop_cache(
+            [f for s in ctx.stores.values() for f in shard_files(s)]  # type: ignore[attr-defined]
+            + [p for p in ctx.src.rglob("*") if p.is_file()]
+        )  # type: ignore[attr-defined]
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    if isinstance(data, tuple):
+        model.fit(
+            data[0], data[1], batch_size=args.batch, epochs=epochs, verbose=0, callbacks=[Timer()]
+        )
+    else:
+        model.fit(data, epochs=epochs, verbose=0, callbacks=[Timer()])
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (
+        sum(
+            b.ru_utime + b.ru_stime - a.ru_utime - a.ru_stime
+            for a, b in zip(cpu0, cpu1, strict=True)
+        )
+        / epochs
+    )
+    whole, steady, batches = marks[-1]
+    images = batches * args.batch  # the last batch may be smaller: a small overcount
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "images": images,
+                "seconds": whole,
+                "first_batch_s": None,
+                "cpu_s": cpu,
+                "baseline": baseline,
+                "steady_rate": (batches - 1) * args.batch / steady if steady else None,
+            }
+        ),
+        flush=True,
+    )
+
+
 def child(args: argparse.Namespace) -> None:
     from _loaders import VARIANTS, Ctx, shard_files
     from _memory import tree_memory
 
     stores = {k: Path(v) for k, v in json.loads(args.stores).items()}
     ctx = Ctx(stores=stores, src=Path(args.src), batch=args.batch, size=args.px)
+    if args.child.startswith("fit: "):
+        child_fit(args, ctx)
+        return
     if args.child in USES_KERAS:
         import keras  # noqa: F401  (the framework's own memory is the baseline, not the loader's)
     baseline = tree_memory(os.getpid()).own
@@ -241,16 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args)
         return 0
-    from _loaders import VARIANTS
+    from _loaders import FIT_VARIANTS, VARIANTS
+
+    known = {**VARIANTS, **FIT_VARIANTS}
     from tqdm import tqdm
 
     n_images, px, reps, regimes = SIZES[args.size]
-    variants = args.variants or list(VARIANTS)
-    unknown = sorted(set(variants) - set(VARIANTS))
+    variants = args.variants or list(known)
+    unknown = sorted(set(variants) - set(known))
     if unknown:
-        print(
-            f"run.py: error: unknown variants {unknown}; known: {list(VARIANTS)}", file=sys.stderr
-        )
+        print(f"run.py: error: unknown variants {unknown}; known: {list(known)}", file=sys.stderr)
         return 2
     raw: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="shardfit-bench-run-") as tmp:
@@ -277,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                 max=max(rates),
                 per_cpu_s=statistics.median(r["images"] / max(r["cpu_s"], 1e-9) for r in ok),
                 first_batch_s=statistics.median(r["first_batch_s"] or 0 for r in ok),
+                steady=statistics.median(r.get("steady_rate") or 0 for r in ok),
                 peak_own_mb=max(r["peak_own"] - r["baseline"] for r in ok) / 1e6,
                 baseline_mb=max(r["baseline"] for r in ok) / 1e6,
                 peak_file_mb=max(r["peak_file"] for r in ok) / 1e6,
@@ -288,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             (
                 r
                 for r in rows
-                if r["variant"] == CEILING[row["regime"]]
+                if r["variant"]
+                == (FIT_CEILING if row["variant"].startswith("fit: ") else CEILING[row["regime"]])
                 and r["regime"] == row["regime"]
                 and "median" in r
             ),
@@ -313,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(regimes)}; constrained: not implemented yet.",
         "",
         "| regime | variant | images/s median (min-max) | % of ceiling | img per CPU-s "
-        "| first batch | loader's own RAM peak | imports baseline | mapped files "
-        "| summed RSS (double-counts) | /dev/shm left |",
+        "| first batch / fit steady img/s | loader's own RAM peak | imports baseline "
+        "| mapped files | summed RSS (double-counts) | /dev/shm left |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -326,8 +405,13 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             f"| {r['regime']} | {r['variant']} | "
             f"{r['median']:.0f} ({r['min']:.0f}-{r['max']:.0f}) | "
-            f"{pct} | {r['per_cpu_s']:.0f} | {r['first_batch_s'] * 1000:.0f} ms | "
-            f"{max(r['peak_own_mb'], 0):.0f} MB | {r['baseline_mb']:.0f} MB | "
+            f"{pct} | {r['per_cpu_s']:.0f} | "
+            + (
+                f"{r['steady']:.0f} img/s | "
+                if r["variant"].startswith("fit: ")
+                else f"{r['first_batch_s'] * 1000:.0f} ms | "
+            )
+            + f"{max(r['peak_own_mb'], 0):.0f} MB | {r['baseline_mb']:.0f} MB | "
             f"{r['peak_file_mb']:.0f} MB | {r['peak_rss_mb']:.0f} MB | "
             f"{len(r['shm_left'])} |"
         )

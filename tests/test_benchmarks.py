@@ -68,11 +68,11 @@ def test_memory_benchmark_runs_end_to_end(tmp_path: Path) -> None:
 
 def test_loader_benchmark_small_runs_every_variant(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from _loaders import VARIANTS
+    from _loaders import FIT_VARIANTS, VARIANTS
 
     doc = run_benchmark("run.py", tmp_path, "--size", "small", result="loaders")
     rows = {r["variant"]: r for r in doc["rows"]}
-    assert set(rows) == set(VARIANTS)
+    assert set(rows) == set(VARIANTS) | set(FIT_VARIANTS)
     for name, row in rows.items():
         assert not row["errors"], (name, row["errors"])
         assert row["median"] > 0
