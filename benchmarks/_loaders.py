@@ -27,6 +27,8 @@ class Ctx:
     src: Path
     batch: int
     size: int
+    #: images per epoch for the slow, decode-bound baselines (None: all); see run.py
+    cap: int | None = None
 
 
 def _reader(ctx: Ctx, name: str = "float32"):  # type: ignore[no-untyped-def]
@@ -190,8 +192,9 @@ def zarr_naive(ctx: Ctx) -> EpochFn:
     images, labels = root["train/images"], root["train/labels"][:]
 
     def epoch(e: int) -> Iterator[Batch]:
-        for idx in _plan(ctx, e):
-            yield images.get_orthogonal_selection((idx,)), labels[idx]
+        batches = _plan(ctx, e)
+        for idx in batches[: None if ctx.cap is None else -(-ctx.cap // ctx.batch)]:
+            yield images.get_orthogonal_selection((np.sort(idx),)), labels[np.sort(idx)]
 
     return epoch
 
@@ -204,8 +207,8 @@ def pil_sequence(ctx: Ctx) -> EpochFn:
     files = [(f, c) for c, name in enumerate(classes) for f in sorted((ctx.src / name).iterdir())]
 
     def epoch(e: int) -> Iterator[Batch]:
-        order = np.random.default_rng([0, e]).permutation(len(files))
-        for s in range(0, len(files), ctx.batch):
+        order = np.random.default_rng([0, e]).permutation(len(files))[: ctx.cap]
+        for s in range(0, len(order), ctx.batch):
             chunk = [files[i] for i in order[s : s + ctx.batch]]
             x = np.stack(
                 [
@@ -222,21 +225,7 @@ def pil_sequence(ctx: Ctx) -> EpochFn:
 
 
 def image_dataset_from_directory(ctx: Ctx) -> EpochFn:
-    import keras
-    import tensorflow as tf
-
-    ds = (
-        keras.utils.image_dataset_from_directory(
-            ctx.src,
-            image_size=(ctx.size, ctx.size),
-            batch_size=ctx.batch,
-            shuffle=True,
-            seed=0,
-            verbose=False,
-        )
-        .map(lambda x, y: (x / 255.0, y))
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    ds = fit_idfd(ctx)
 
     def epoch(e: int) -> Iterator[Batch]:
         for x, y in ds:
@@ -373,7 +362,8 @@ def fit_pil(ctx: Ctx) -> Any:
         )
         return x, np.array([c for _, c in chunk], np.int32)
 
-    return _pydataset(-(-len(files) // ctx.batch), get)
+    n = len(files) if ctx.cap is None else min(ctx.cap, len(files))
+    return _pydataset(-(-n // ctx.batch), get)
 
 
 def fit_zarr(ctx: Ctx) -> Any:
@@ -388,25 +378,27 @@ def fit_zarr(ctx: Ctx) -> Any:
         idx = np.sort(order[i * ctx.batch : (i + 1) * ctx.batch])
         return images.get_orthogonal_selection((idx,)), labels[idx]
 
+    if ctx.cap is not None:
+        n = min(n, ctx.cap)
     return _pydataset(-(-n // ctx.batch), get)
 
 
 def fit_idfd(ctx: Ctx) -> Any:
+    """keras.utils.image_dataset_from_directory over the source JPEGs, with prefetch."""
     import keras
     import tensorflow as tf
 
-    return (
-        keras.utils.image_dataset_from_directory(
-            ctx.src,
-            image_size=(ctx.size, ctx.size),
-            batch_size=ctx.batch,
-            shuffle=True,
-            seed=0,
-            verbose=False,
-        )
-        .map(lambda x, y: (x / 255.0, y))
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    ds = keras.utils.image_dataset_from_directory(
+        ctx.src,
+        image_size=(ctx.size, ctx.size),
+        batch_size=ctx.batch,
+        shuffle=True,
+        seed=0,
+        verbose=False,
+    ).map(lambda x, y: (x / 255.0, y))
+    if ctx.cap is not None:
+        ds = ds.take(-(-ctx.cap // ctx.batch))
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def fit_tfdata(ctx: Ctx) -> Any:
