@@ -77,5 +77,26 @@ def test_loader_benchmark_small_runs_every_variant(tmp_path: Path) -> None:
         assert not row["errors"], (name, row["errors"])
         assert row["median"] > 0
         assert row["shm_left"] == []
-    assert doc["regimes_not_run"] == {"constrained": "not implemented yet"}
+    assert set(doc["regimes_not_run"]) == {"cold", "constrained"}  # small runs warm only
     assert (tmp_path / "loaders.png").stat().st_size > 0
+
+
+def test_loader_benchmark_constrained_regime_reports_oom_or_why_not(tmp_path: Path) -> None:
+    # The small store's limit (half of 4.7 MB) is far below what Python needs: a certain OOM.
+    doc = run_benchmark(
+        "run.py",
+        tmp_path,
+        "--size",
+        "small",
+        "--variants",
+        "ceiling: preadv",
+        "--regimes",
+        "constrained",
+        result="loaders",
+    )
+    if "constrained" in doc["regimes_not_run"]:
+        assert doc["regimes_not_run"]["constrained"].startswith("no memory limit possible here")
+        assert doc["rows"] == []
+    else:
+        (row,) = doc["rows"]
+        assert row["errors"] and row["errors"][0].startswith("OOM at ")
