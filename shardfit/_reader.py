@@ -91,7 +91,7 @@ class ShardReader:
                 if self.compression != "none":
                     from shardfit._shardio import ChunkEncoder
 
-                    self._open.codec = ChunkEncoder(self.compression)._codec
+                    self._open.codec = ChunkEncoder(self.compression).codec
             return self._open
 
     def _shard(self, k: int) -> tuple[mmap.mmap, npt.NDArray[np.uint64], npt.NDArray[Any] | None]:

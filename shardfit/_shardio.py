@@ -53,15 +53,16 @@ class ChunkEncoder:
 
     def __init__(self, compression: str) -> None:
         self.compression = compression
-        self._codec: Any = None
+        #: the numcodecs codec (None when uncompressed); readers decode chunks with it too
+        self.codec: Any = None
         if compression == "zstd":
             from numcodecs import Zstd
 
-            self._codec = Zstd(level=_ZSTD_LEVEL, checksum=False)
+            self.codec = Zstd(level=_ZSTD_LEVEL, checksum=False)
         elif compression == "blosc-lz4":
             from numcodecs import Blosc
 
-            self._codec = Blosc(cname="lz4", clevel=_BLOSC_LEVEL, shuffle=Blosc.SHUFFLE)
+            self.codec = Blosc(cname="lz4", clevel=_BLOSC_LEVEL, shuffle=Blosc.SHUFFLE)
         elif compression != "none":
             raise ValueError(f"unknown compression {compression!r}")
 
@@ -69,9 +70,9 @@ class ChunkEncoder:
         """Bytes of ``image`` (C order, little-endian), compressed if asked for; uncompressed
         images are not copied."""
         raw = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<"))
-        if self._codec is None:
+        if self.codec is None:
             return memoryview(raw).cast("B")  # type: ignore[arg-type]
-        return memoryview(self._codec.encode(raw)).cast("B")
+        return memoryview(self.codec.encode(raw)).cast("B")
 
 
 def _index_bytes(sizes: list[int], chunks_per_shard: int) -> bytes:
