@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shardfit._format import read_info, shard_path
-from shardfit._shardio import MISSING, read_shard_index
+from shardfit._shardio import ChunkEncoder, read_full_shard_index
 from shardfit.errors import DatasetFormatError
 
 __all__ = ["ShardReader"]
@@ -89,8 +89,6 @@ class ShardReader:
             if self._open is None or self._open.pid != os.getpid():
                 self._open = _Open(pid=os.getpid())
                 if self.compression != "none":
-                    from shardfit._shardio import ChunkEncoder
-
                     self._open.codec = ChunkEncoder(self.compression).codec
             return self._open
 
@@ -100,13 +98,8 @@ class ShardReader:
         if got is not None:
             return got
         path = shard_path(self.path, self.split, k)
-        index = read_shard_index(path, self.shard_size)
         expect = min(self.shard_size, self.count - k * self.shard_size)
-        present = int(np.count_nonzero(index[:expect, 0] != np.uint64(MISSING)))
-        if present != expect:
-            raise DatasetFormatError(
-                f"shard file {path} holds {present} of its {expect} images: re-pack the dataset"
-            )
+        index = read_full_shard_index(path, self.shard_size, expect)
         with open(path, "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         dense = None

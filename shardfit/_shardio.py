@@ -26,6 +26,7 @@ __all__ = [
     "MISSING",
     "ChunkEncoder",
     "ShardFileWriter",
+    "read_full_shard_index",
     "read_shard_index",
     "zarr_compressors",
 ]
@@ -281,3 +282,15 @@ def read_shard_index(path: str, chunks_per_shard: int) -> npt.NDArray[np.uint64]
             f"shard file {path} has index entries past its data (corrupt): re-pack the dataset"
         )
     return index.astype(np.uint64)
+
+
+def read_full_shard_index(path: str, chunks_per_shard: int, expect: int) -> npt.NDArray[np.uint64]:
+    """:func:`read_shard_index`, also checking that exactly the first ``expect`` chunks are
+    present: an image missing from disk (say, a chunk zarr skipped) cannot go unnoticed."""
+    index = read_shard_index(path, chunks_per_shard)
+    present = int(np.count_nonzero(index[:, 0] != np.uint64(MISSING)))
+    if present != expect or bool(np.any(index[:expect, 0] == np.uint64(MISSING))):
+        raise DatasetFormatError(
+            f"shard file {path} holds {present} of its {expect} images: re-pack the dataset"
+        )
+    return index

@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 
 from shardfit._format import ATTRS_KEY, STATE_DIR, shard_path
-from shardfit._shardio import ShardFileWriter, read_shard_index, zarr_compressors
-from shardfit.errors import DatasetFormatError
+from shardfit._shardio import ShardFileWriter, read_full_shard_index, zarr_compressors
 
 __all__ = ["ShardRecord", "SplitWriter", "load_records", "write_arrays", "write_json_atomic"]
 
@@ -185,12 +184,7 @@ def write_arrays(
     num_shards = sum(r.shard is not None for r in records)
     for k in range(num_shards):
         expect = min(shard_size, n - k * shard_size)
-        index = read_shard_index(shard_path(store, split, k), shard_size)
-        present = int(np.count_nonzero(index[:, 0] != np.uint64(2**64 - 1)))
-        if present != expect:
-            raise DatasetFormatError(
-                f"shard {shard_path(store, split, k)} holds {present} images, expected {expect}"
-            )
+        read_full_shard_index(shard_path(store, split, k), shard_size, expect)
     h, w = image_size
     counts = (
         [int(c) for c in np.bincount(labels, minlength=num_classes)] if n else [0] * num_classes

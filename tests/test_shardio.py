@@ -74,3 +74,16 @@ def test_too_many_chunks_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="already holds 1 chunks"):
         writer.append(b"y")
     writer.abort()
+
+
+def test_a_shard_missing_an_image_is_refused_by_name(tmp_path: Path) -> None:
+    from shardfit._shardio import read_full_shard_index
+    from shardfit.errors import DatasetFormatError
+
+    writer = ShardFileWriter(str(tmp_path / "s" / "0"), 4)
+    for _ in range(3):
+        writer.append(b"x" * 12)
+    writer.close()
+    assert read_full_shard_index(str(tmp_path / "s" / "0"), 4, 3).shape == (4, 2)
+    with pytest.raises(DatasetFormatError, match=r"s/0 holds 3 of its 4 images"):
+        read_full_shard_index(str(tmp_path / "s" / "0"), 4, 4)
