@@ -18,7 +18,10 @@ from shardfit.errors import (
     OutputExistsError,
     ResumeMismatchError,
     ShardfitError,
+    SharedMemoryError,
     SourceFolderError,
+    TransformError,
+    WorkerCrashedError,
 )
 from shardfit.options import PackOptions
 from shardfit.pack import PackReport, pack_images
@@ -39,8 +42,11 @@ __all__ = [
     "Sequence",
     "SequenceOptions",
     "ShardfitError",
+    "SharedMemoryError",
     "SourceFolderError",
     "SplitInfo",
+    "TransformError",
+    "WorkerCrashedError",
     "__version__",
     "pack_images",
     "read_info",

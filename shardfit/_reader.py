@@ -1,41 +1,90 @@
 """Read shards: samples of one split into caller-owned arrays, without zarr-python per batch.
 
 Each process opens what it needs on first use (keyed on its pid, so nothing opened in a parent
-is used by a forked child): every shard file is memory-mapped once and its index read and checked
-once. Uncompressed shards are read by copying straight from the mapping; compressed ones by
-decoding each chunk's bytes with the store's codec. A reader pickles to its path and a few
-numbers.
+is used by a forked child), and reads each shard's index and checks it once. Two ways to read
+the samples themselves (``io=``):
+
+- ``"mmap"``: every shard file is memory-mapped once; uncompressed samples are copied straight
+  from the mapping, compressed ones decoded from it. The fastest when the shards are in the page
+  cache (no system call per sample), but each cold page is a page fault: under a memory limit
+  smaller than the data, where every epoch is cold, throughput collapses.
+- ``"pread"``: one file descriptor per shard; for each batch the kernel is first told which byte
+  ranges are wanted (``POSIX_FADV_WILLNEED``, so it reads them from disk in parallel), then each
+  sample is read with one ``preadv`` straight into the destination. Slower than ``"mmap"`` on
+  cached data (a system call and a kernel copy per sample: ~1/3 of the speed here), about 1.6
+  times as fast on cold data (measured under a memory limit of half the data).
+- ``"auto"`` (the default) picks ``"pread"`` when the split's shard files are more than half of
+  the memory this process may use for the page cache (RAM, or its cgroup's memory limit), since
+  such data cannot stay cached from one epoch to the next; ``"mmap"`` otherwise.
+
+A reader pickles to its path and a few numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from shardfit._format import read_info, shard_path
 from shardfit._shardio import ChunkEncoder, read_full_shard_index
-from shardfit.errors import DatasetFormatError
+from shardfit.errors import DatasetFormatError, InvalidOptionError
 
 __all__ = ["ShardReader"]
+
+IoMode = Literal["auto", "mmap", "pread"]
+_IO_MODES: tuple[str, ...] = ("auto", "mmap", "pread")
+#: cgroup limits at or above this are "no limit" (v1 writes 2**63 rounded down to a page)
+_NO_LIMIT = 1 << 60
+_HAVE_FADVISE = hasattr(os, "posix_fadvise")
+_HAVE_PREADV = hasattr(os, "preadv")
+
+
+class _ShardFile:
+    """One shard file opened for ``pread`` by this process: its descriptor, closed when the
+    object is dropped (so a thread still reading through it keeps it open), and its index."""
+
+    __slots__ = ("fd", "offsets", "path", "sizes")
+
+    def __init__(self, path: str, offsets: list[int], sizes: list[int]) -> None:
+        self.fd = -1
+        self.path = path
+        self.offsets = offsets  # byte offset of each chunk, in the file
+        self.sizes = sizes  # stored bytes of each chunk
+        try:
+            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise DatasetFormatError(f"shard file {path} is missing: re-pack the dataset") from None
+
+    def __del__(self, _close: Any = os.close) -> None:
+        # os.close bound at definition: at interpreter exit the os module may be gone already
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                _close(self.fd)
+            self.fd = -1
 
 
 @dataclass
 class _Open:
-    """What one process has opened: shard mappings and decoded indexes, labels."""
+    """What one process has opened: shard mappings or files with their decoded indexes,
+    labels, the codec, and each thread's staging buffer (``pread`` of converted samples)."""
 
     pid: int
     shards: dict[int, tuple[mmap.mmap, npt.NDArray[np.uint64], npt.NDArray[Any] | None]] = field(
         default_factory=dict
     )
+    files: dict[int, _ShardFile] = field(default_factory=dict)
     labels: npt.NDArray[np.int32] | None = None
     codec: Any = None
+    local: threading.local = field(default_factory=threading.local)
 
 
 class ShardReader:
@@ -44,13 +93,28 @@ class ShardReader:
     Args:
         path: the store.
         split: ``"train"`` or ``"val"``.
+        io: how samples are read: ``"mmap"`` (fastest when the shards are page-cached),
+            ``"pread"`` (fastest when they are not: data larger than the memory available for
+            the page cache), or ``"auto"``: ``"pread"`` when the split's shard files are more
+            than half of RAM or of this process's cgroup memory limit, else ``"mmap"``.
+
+    Attributes:
+        io_mode: ``"mmap"`` or ``"pread"``: the way this reader reads, ``io`` resolved once at
+            construction (a pickled reader keeps it).
 
     Raises:
+        InvalidOptionError: ``io`` is not one of the above.
         DatasetFormatError, IncompleteDatasetError: as :func:`shardfit.read_info`, or when the
             split does not exist.
     """
 
-    def __init__(self, path: str | os.PathLike[str], split: str = "train") -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], split: str = "train", *, io: IoMode = "auto"
+    ) -> None:
+        if not isinstance(io, str) or io not in _IO_MODES:
+            raise InvalidOptionError(
+                f"io must be one of {', '.join(repr(m) for m in _IO_MODES)}. Received: {io!r}"
+            )
         info = read_info(path)
         if split not in info.splits:
             raise DatasetFormatError(
@@ -68,8 +132,22 @@ class ShardReader:
         self.stored_dtype = np.dtype(info.dtype)
         self.compression = info.compression
         self._chunk_bytes = int(np.prod(self.image_shape)) * self.stored_dtype.itemsize
+        self.io_mode: Literal["mmap", "pread"] = (
+            _choose_io(self._data_bytes(), memory_bytes()) if io == "auto" else io
+        )
         self._open: _Open | None = None
         self._lock = threading.Lock()
+
+    def _data_bytes(self) -> int:
+        """Bytes of the split's shard files (from their sizes; estimated if they cannot be
+        listed: errors about missing files are for the first read to report)."""
+        try:
+            return sum(
+                os.stat(shard_path(self.path, self.split, k)).st_size
+                for k in range(self.num_shards)
+            )
+        except OSError:
+            return self.count * self._chunk_bytes
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -92,6 +170,14 @@ class ShardReader:
                     self._open.codec = ChunkEncoder(self.compression).codec
             return self._open
 
+    def _check_chunk_sizes(self, path: str, sizes: npt.NDArray[np.int64]) -> None:
+        """Every chunk of an uncompressed shard must hold exactly one image."""
+        if self.compression == "none" and np.any(sizes != self._chunk_bytes):
+            raise DatasetFormatError(
+                f"shard file {path} has chunks of the wrong size for "
+                f"{self.image_shape} {self.stored_dtype}: re-pack the dataset"
+            )
+
     def _shard(self, k: int) -> tuple[mmap.mmap, npt.NDArray[np.uint64], npt.NDArray[Any] | None]:
         opened = self._handles()
         got = opened.shards.get(k)
@@ -105,20 +191,33 @@ class ShardReader:
         dense = None
         offsets = index[:expect, 0].astype(np.int64)
         sizes = index[:expect, 1].astype(np.int64)
-        if self.compression == "none":
-            if np.any(sizes != self._chunk_bytes):
-                raise DatasetFormatError(
-                    f"shard file {path} has chunks of the wrong size for "
-                    f"{self.image_shape} {self.stored_dtype}: re-pack the dataset"
-                )
-            if np.array_equal(offsets, np.arange(expect, dtype=np.int64) * self._chunk_bytes):
-                # the packer's layout: one array view over the whole shard
-                dense = np.frombuffer(
-                    mm, self.stored_dtype, count=expect * int(np.prod(self.image_shape))
-                ).reshape(expect, *self.image_shape)
+        self._check_chunk_sizes(path, sizes)
+        if self.compression == "none" and np.array_equal(
+            offsets, np.arange(expect, dtype=np.int64) * self._chunk_bytes
+        ):
+            # the packer's layout: one array view over the whole shard
+            dense = np.frombuffer(
+                mm, self.stored_dtype, count=expect * int(np.prod(self.image_shape))
+            ).reshape(expect, *self.image_shape)
         got = (mm, index, dense)
         opened.shards[k] = got
         return got
+
+    def _shard_file(self, k: int) -> _ShardFile:
+        """Shard ``k`` opened for ``pread`` in this process (index read and checked once)."""
+        opened = self._handles()
+        got = opened.files.get(k)
+        if got is not None:
+            return got
+        path = shard_path(self.path, self.split, k)
+        expect = min(self.shard_size, self.count - k * self.shard_size)
+        index = read_full_shard_index(path, self.shard_size, expect)
+        sizes = index[:expect, 1].astype(np.int64)
+        self._check_chunk_sizes(path, sizes)
+        new = _ShardFile(path, index[:expect, 0].astype(np.int64).tolist(), sizes.tolist())
+        # two threads may open the same shard at once: both use the first one stored, and the
+        # other descriptor is closed as soon as it is dropped
+        return opened.files.setdefault(k, new)
 
     def labels(self) -> npt.NDArray[np.int32]:
         """All labels of the split (read once per process)."""
@@ -131,7 +230,18 @@ class ShardReader:
         """Copy samples ``indices`` into ``out[:len(indices)]``, shape ``(n, H, W, 3)``.
 
         ``out`` may be float32 (uint8 stores are converted as ``pixel / 255``) or the stored dtype.
+        Safe to call from several threads at once, each with its own ``out``.
+
+        Raises:
+            IndexError: an index is outside ``[0, count)``.
+            DatasetFormatError: a shard file is missing, truncated or corrupt (named).
         """
+        if self.io_mode == "pread":
+            self._read_pread(indices, out)
+        else:
+            self._read_mmap(indices, out)
+
+    def _read_mmap(self, indices: npt.NDArray[np.integer], out: npt.NDArray[Any]) -> None:
         convert = out.dtype != self.stored_dtype
         for b, i in enumerate(np.asarray(indices, dtype=np.int64).tolist()):
             if not 0 <= i < self.count:
@@ -153,6 +263,177 @@ class ShardReader:
                 np.divide(src, 255, out=out[b], dtype=np.float32)
             else:
                 out[b] = src
+
+    def _read_pread(self, indices: npt.NDArray[np.integer], out: npt.NDArray[Any]) -> None:
+        plan: list[tuple[_ShardFile, int, int]] = []  # (file, byte offset, bytes) per sample
+        for i in np.asarray(indices, dtype=np.int64).tolist():
+            if not 0 <= i < self.count:
+                raise IndexError(f"sample {i} out of range for {self.count} samples")
+            k, j = divmod(i, self.shard_size)
+            f = self._shard_file(k)
+            plan.append((f, f.offsets[j], f.sizes[j]))
+        if _HAVE_FADVISE:
+            # all of the batch's reads queued at once: the disk serves them in parallel, while
+            # the preads below each wait for one sample in turn (measured on cold data: +40%;
+            # on cached data it costs ~20%, but then io="mmap" is the better choice anyway).
+            # Only a hint: a filesystem refusing it must not fail the read.
+            with contextlib.suppress(OSError):
+                for f, off, n in plan:
+                    os.posix_fadvise(f.fd, off, n, os.POSIX_FADV_WILLNEED)
+        convert = out.dtype != self.stored_dtype
+        compressed = self.compression != "none"
+        for b, (f, off, n) in enumerate(plan):
+            if compressed:
+                raw = self._handles().codec.decode(_pread_bytes(f, off, n))
+                src: npt.NDArray[Any] = np.frombuffer(raw, self.stored_dtype).reshape(
+                    self.image_shape
+                )
+            else:
+                dst = out[b]
+                if (
+                    not convert
+                    and dst.shape == self.image_shape
+                    and dst.flags.c_contiguous
+                    and dst.flags.writeable
+                ):
+                    _preadv_exact(f, memoryview(dst).cast("B"), off)
+                    continue
+                src = self._stage()
+                _preadv_exact(f, memoryview(src).cast("B"), off)  # type: ignore[arg-type]
+            if convert:
+                np.divide(src, 255, out=out[b], dtype=np.float32)
+            else:
+                out[b] = src
+
+    def _stage(self) -> npt.NDArray[Any]:
+        """This thread's buffer for one stored image, reused: converted samples land here first.
+
+        Page-aligned (anonymous mapping), so that converting from it into an aligned batch
+        buffer does not suffer 4K aliasing (DESIGN.md).
+        """
+        local = self._handles().local
+        stage: npt.NDArray[Any] | None = getattr(local, "stage", None)
+        if stage is None:
+            buf = mmap.mmap(-1, self._chunk_bytes)
+            stage = np.frombuffer(buf, self.stored_dtype).reshape(self.image_shape)
+            local.stage = stage
+        return stage
+
+
+def _truncated(f: _ShardFile) -> DatasetFormatError:
+    return DatasetFormatError(f"shard file {f.path} is truncated: re-pack the dataset")
+
+
+def _preadv_exact(f: _ShardFile, view: memoryview, offset: int) -> None:
+    """Fill ``view`` with the file's bytes from ``offset``; the file ending first is an error."""
+    got, total = 0, len(view)
+    while got < total:
+        if _HAVE_PREADV:
+            n = os.preadv(f.fd, [view[got:]], offset + got)
+        else:
+            part = os.pread(f.fd, total - got, offset + got)
+            n = len(part)
+            view[got : got + n] = part
+        if n == 0:
+            raise _truncated(f)
+        got += n
+
+
+def _pread_bytes(f: _ShardFile, offset: int, nbytes: int) -> bytes:
+    """``nbytes`` of the file from ``offset``; the file ending first is an error."""
+    raw = os.pread(f.fd, nbytes, offset)
+    if len(raw) == nbytes:
+        return raw
+    parts = [raw]
+    got = len(raw)
+    while got < nbytes:  # a short read: rare (signals, some filesystems), so join only here
+        part = os.pread(f.fd, nbytes - got, offset + got)
+        if not part:
+            raise _truncated(f)
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def _choose_io(data_bytes: int, memory_bytes: int | None) -> Literal["mmap", "pread"]:
+    """The read path for ``data_bytes`` of shard files, given ``memory_bytes`` of memory this
+    process may fill with page cache (``None``: unknown).
+
+    ``"pread"`` when the data is more than half of that memory: it cannot be expected to stay
+    cached between epochs (the model, the batches and everything else need memory too), so
+    reads are cold, and cold reads by page fault run at about half the speed of large preads.
+    ``"mmap"`` otherwise, the faster path over cached data.
+    """
+    if memory_bytes is not None and data_bytes * 2 > memory_bytes:
+        return "pread"
+    return "mmap"
+
+
+def memory_bytes(proc: str = "/proc", cgroup_fs: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes of memory this process can use (and so fill with page cache): the smaller of RAM
+    (``MemTotal``) and its cgroup's memory limit, if any; ``None`` when neither can be read.
+
+    ``proc`` and ``cgroup_fs`` are where procfs and the cgroup filesystems are mounted.
+    """
+    limits = [m for m in (_mem_total(proc), _cgroup_limit(proc, cgroup_fs)) if m is not None]
+    return min(limits) if limits else None
+
+
+def _mem_total(proc: str) -> int | None:
+    """``MemTotal`` of ``/proc/meminfo`` in bytes, or ``None``."""
+    try:
+        with open(os.path.join(proc, "meminfo"), encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024  # the file says kB, meaning KiB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _read_limit(file: Path) -> int | None:
+    """A cgroup memory limit file's value in bytes; ``None`` for none, unreadable, or huge."""
+    try:
+        text = file.read_text(encoding="ascii").strip()
+        value = int(text)  # "max" (v2's "no limit") fails here too
+    except (OSError, ValueError):
+        return None
+    return value if 0 < value < _NO_LIMIT else None
+
+
+def _cgroup_limit(proc: str, cgroup_fs: str) -> int | None:
+    """The tightest memory limit on this process's cgroup and its ancestors (they apply too),
+    cgroup v2 (``memory.max``) or v1 (``memory.limit_in_bytes`` of the memory controller)."""
+    try:
+        with open(os.path.join(proc, "self", "cgroup"), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    root = Path(cgroup_fs)
+    found: list[int] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, rel = parts
+        if hierarchy == "0" and controllers == "":  # v2: unified, or under unified/ if hybrid
+            mounts, name = [root, root / "unified"], "memory.max"
+        elif "memory" in controllers.split(","):
+            mounts, name = [root / "memory"], "memory.limit_in_bytes"
+        else:
+            continue
+        for mount in mounts:
+            group = mount / rel.lstrip("/")
+            # walk up to the mount point; a group missing here (another cgroup namespace)
+            # is skipped, its ancestors still count
+            while True:
+                limit = _read_limit(group / name)
+                if limit is not None:
+                    found.append(limit)
+                if group == mount or mount not in group.parents:
+                    break
+                group = group.parent
+    return min(found) if found else None
 
 
 def _read_labels(path: str, split: str, count: int) -> npt.NDArray[np.int32]:

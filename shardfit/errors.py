@@ -15,7 +15,10 @@ __all__ = [
     "OutputExistsError",
     "ResumeMismatchError",
     "ShardfitError",
+    "SharedMemoryError",
     "SourceFolderError",
+    "TransformError",
+    "WorkerCrashedError",
 ]
 
 
@@ -57,3 +60,15 @@ class IncompleteDatasetError(ShardfitError, RuntimeError):
 
 class DatasetFormatError(ShardfitError, ValueError):
     """The path is not a shardfit store, or one written in an unsupported format version."""
+
+
+class SharedMemoryError(ShardfitError, OSError):
+    """The shared-memory batch ring cannot be made: no writable tmpfs, or too little room."""
+
+
+class WorkerCrashedError(ShardfitError, RuntimeError):
+    """A data worker process died (killed by a signal, the OOM killer, or an interrupt)."""
+
+
+class TransformError(ShardfitError, ValueError):
+    """A ``transform`` returned something that is not a batch of images."""

@@ -18,13 +18,19 @@ Epoch bookkeeping, designed around what Keras 3.15 does (DESIGN.md, pinned by te
 - With worker processes, batches are built in the workers, which Keras starts anew for every
   epoch from the parent's state after ``on_epoch_end``; there the parent counts the hook calls
   (the first one comes before epoch 0).
+
+With worker processes, batches travel through a ring of shared-memory slots (``_shm``) instead
+of being pickled through Keras's pipes, and a watch thread turns a dead worker into an error
+instead of a hang (``_watch``).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 from dataclasses import dataclass
+from multiprocessing import context
 from typing import Any, Literal
 
 import keras
@@ -34,11 +40,17 @@ import numpy.typing as npt
 from shardfit._buffers import BufferPool
 from shardfit._epoch import batch_count, epoch_order
 from shardfit._reader import ShardReader
-from shardfit.errors import InvalidOptionError
+from shardfit._shm import PickledBatch, SlotRing
+from shardfit._watch import watch_keras_pools
+from shardfit.errors import InvalidOptionError, TransformError
+from shardfit.transforms import Transform
 
 __all__ = ["Sequence", "SequenceOptions"]
 
 LabelMode = Literal["int", "categorical"] | None
+
+#: Stream id of the transform generators (see _epoch for the others).
+_TRANSFORM_STREAM = 0x5348_0003
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +68,8 @@ class SequenceOptions:
         drop_remainder: leave out the last, smaller batch.
         initial_epoch: the epoch the first ``fit`` epoch is; pass the same as
             ``fit(initial_epoch=...)`` when resuming.
+        shared_memory: with worker processes, send batches through shared-memory slots (the
+            default); ``False`` lets Keras pickle each batch through a pipe (much slower).
     """
 
     batch_size: int = 32
@@ -65,6 +79,7 @@ class SequenceOptions:
     label_mode: LabelMode = "int"
     drop_remainder: bool = False
     initial_epoch: int = 0
+    shared_memory: bool = True
 
     def __post_init__(self) -> None:
         def positive(name: str, value: object, minimum: int) -> None:
@@ -80,7 +95,7 @@ class SequenceOptions:
                 f"label_mode must be one of 'int', 'categorical', None. "
                 f"Received: {self.label_mode!r}"
             )
-        for name in ("shuffle", "drop_remainder"):
+        for name in ("shuffle", "drop_remainder", "shared_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidOptionError(
                     f"{name} must be a bool. Received: {getattr(self, name)!r}"
@@ -96,12 +111,19 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
     Args:
         path: the store written by ``pack_images``.
         split: ``"train"`` or ``"val"``.
-        batch_size, shuffle, seed, shuffle_window, label_mode, drop_remainder, initial_epoch:
-            see :class:`SequenceOptions`.
+        batch_size, shuffle, seed, shuffle_window, label_mode, drop_remainder, initial_epoch,
+        shared_memory: see :class:`SequenceOptions`.
+        transform: ``fn(images, rng) -> images`` applied to every batch where it is built (in
+            the workers, with processes), ``rng`` seeded from ``(seed, epoch, batch index)``:
+            see :mod:`shardfit.transforms`.
         workers, use_multiprocessing, max_queue_size: Keras's own ``PyDataset`` arguments.
 
     The object pickles to a few KB whatever the dataset's size; files are opened lazily in each
     process that reads.
+
+    With ``use_multiprocessing=True``, the first ``len()`` (Keras asks it before starting its
+    workers) reserves ``max_queue_size + workers + 4`` batch-sized slots of shared memory in
+    ``/dev/shm`` (or ``$SHARDFIT_SHM_DIR``), held until the Sequence is garbage or closed.
     """
 
     def __init__(
@@ -116,6 +138,8 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         label_mode: LabelMode = "int",
         drop_remainder: bool = False,
         initial_epoch: int = 0,
+        shared_memory: bool = True,
+        transform: Transform | None = None,
         workers: int = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
@@ -131,7 +155,14 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
             label_mode=label_mode,
             drop_remainder=drop_remainder,
             initial_epoch=initial_epoch,
+            shared_memory=shared_memory,
         )
+        if transform is not None and not callable(transform):
+            raise InvalidOptionError(
+                f"transform must be a callable fn(images, rng) -> images. Received: {transform!r}"
+            )
+        self.transform = transform
+        self._ring: SlotRing | None = None
         self._reader = ShardReader(path, split)
         self._length = batch_count(self._reader.count, batch_size, drop_remainder)
         self._epoch = initial_epoch
@@ -161,6 +192,8 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         return self._epoch
 
     def __len__(self) -> int:
+        # Keras asks for the length in this process just before it starts its workers
+        self._prepare_processes()
         return self._length
 
     def __getitem__(self, index: int) -> Any:
@@ -171,17 +204,47 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         order = self._order(epoch)
         bs = self.options.batch_size
         samples = order[index * bs : (index + 1) * bs]
-        images = self._buffers().array((samples.size, *self._reader.image_shape), np.float32)
-        self._reader.read_into(samples, images)
-        mode = self.options.label_mode
-        if mode is None:
-            return (images,)
-        labels = self._reader.labels()[samples]
-        if mode == "categorical":
-            onehot = np.zeros((samples.size, len(self.class_names)), dtype=np.float32)
-            onehot[np.arange(samples.size), labels] = 1.0
-            return images, onehot
-        return images, labels
+        shape = (samples.size, *self._reader.image_shape)
+        ring = self._ring if self._in_worker() else None
+        slot = ring.claim() if ring is not None else None
+        try:
+            if ring is not None and slot is not None:
+                images = ring.array(slot, shape, np.float32)
+            else:
+                images = self._buffers().array(shape, np.float32)
+            self._reader.read_into(samples, images)
+            if self.transform is not None:
+                images = self._transformed(self.transform, images, epoch, index)
+            batch = (images, *self._labels(samples))
+            if ring is None:
+                return batch
+            if slot is not None:
+                out = self._into_slot(ring, slot, images)
+                if out is not None:
+                    return ring.send(slot, out, batch[1:])
+                ring.abandon(slot)
+                slot = None
+            return PickledBatch(ring.token, batch)
+        except BaseException:
+            if ring is not None and slot is not None:
+                ring.abandon(slot)
+            raise
+
+    def close(self) -> None:
+        """Give back the shared-memory ring now (it is also given back when the Sequence is
+        garbage). Batches still held keep their memory until they are dropped."""
+        ring, self._ring = self._ring, None
+        if ring is not None and os.getpid() == self._pid:
+            ring.close()
+
+    @property
+    def transport_stats(self) -> tuple[int, int] | None:
+        """Batches received from worker processes so far, as ``(through shared memory,
+        pickled whole)``; ``None`` when no ring is in use."""
+        ring = self._ring
+        if ring is None:
+            return None
+        return ring.stats.shared, ring.stats.pickled
 
     def sample_indices(self, index: int, epoch: int | None = None) -> npt.NDArray[np.int64]:
         """Which stored samples batch ``index`` of ``epoch`` (default: the current) holds."""
@@ -190,6 +253,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         return order[index * bs : (index + 1) * bs]
 
     def on_epoch_end(self) -> None:
+        self._prepare_processes()
         with self._lock:
             self._hook_calls += 1
             if self._uses_processes():
@@ -219,6 +283,61 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
     def _uses_processes(self) -> bool:
         return bool(self.use_multiprocessing) and self.workers > 0
 
+    def _in_worker(self) -> bool:
+        return self._uses_processes() and os.getpid() != self._pid
+
+    def _prepare_processes(self) -> None:
+        """In the parent, before workers start: the watch thread, and the ring they write to."""
+        if not self._uses_processes() or os.getpid() != self._pid:
+            return
+        watch_keras_pools()
+        if self._ring is None and self.options.shared_memory:
+            with self._lock:
+                if self._ring is None:
+                    per_image = int(np.prod(self._reader.image_shape)) * 4  # float32 out
+                    self._ring = SlotRing(
+                        self.max_queue_size + self.workers + 4,
+                        self.options.batch_size * per_image,
+                    )
+
+    def _transformed(
+        self, transform: Transform, images: npt.NDArray[np.float32], epoch: int, index: int
+    ) -> npt.NDArray[Any]:
+        rng = np.random.default_rng([self.options.seed, _TRANSFORM_STREAM, epoch, index])
+        out = transform(images, rng)
+        if not isinstance(out, np.ndarray) or out.ndim < 1 or out.shape[0] != images.shape[0]:
+            got = getattr(out, "shape", type(out).__name__)
+            raise TransformError(
+                f"transform must return a numpy array with the batch's {images.shape[0]} "
+                f"images first. Received: {got} from {transform!r}"
+            )
+        return out
+
+    @staticmethod
+    def _into_slot(ring: SlotRing, slot: int, images: npt.NDArray[Any]) -> npt.NDArray[Any] | None:
+        """``images`` as an array in ``slot`` (copied there unless it already is), or ``None``
+        when it does not fit."""
+        if not ring.fits(images.nbytes):
+            return None
+        dst = ring.array(slot, images.shape, images.dtype)
+        if dst.ctypes.data == images.ctypes.data and images.flags.c_contiguous:
+            return dst  # written in place
+        if np.may_share_memory(dst, images):
+            images = images.copy()  # a transform returned a rearranged view of the slot
+        dst[...] = images
+        return dst
+
+    def _labels(self, samples: npt.NDArray[np.int64]) -> tuple[Any, ...]:
+        mode = self.options.label_mode
+        if mode is None:
+            return ()
+        labels = self._reader.labels()[samples]
+        if mode == "categorical":
+            onehot = np.zeros((samples.size, len(self.class_names)), dtype=np.float32)
+            onehot[np.arange(samples.size), labels] = 1.0
+            return (onehot,)
+        return (labels,)
+
     def _epoch_serving(self, index: int) -> int:
         if self._uses_processes() and os.getpid() != self._pid:
             return self._epoch  # a worker: the parent set the epoch before forking it
@@ -247,7 +366,22 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         return order
 
     def __getstate__(self) -> dict[str, Any]:
+        spawning = context.get_spawning_popen() is not None
+        if spawning:
+            # multiprocessing is starting a worker (spawn/forkserver): it needs the ring and a
+            # transform that pickles
+            self._prepare_processes()
+            if self.transform is not None:
+                try:
+                    pickle.dumps(self.transform)
+                except Exception as err:
+                    raise InvalidOptionError(
+                        "transform must pickle to run in spawn or forkserver worker processes "
+                        "(define it at module level, or use shardfit.transforms). "
+                        f"Received: {self.transform!r} ({err})"
+                    ) from None
         state = self.__dict__.copy()
+        state["_ring"] = self._ring if spawning else None  # the ring travels only to workers
         del state["_lock"]
         state["_plan"] = None  # recomputed where needed; it grows with the dataset
         state["_pool"] = None

@@ -1,0 +1,375 @@
+"""Worker processes send batches through shared memory: integrity, slot reuse, leaks, hangs."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import json
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_folder
+
+from shardfit import InvalidOptionError, SharedMemoryError, TransformError, pack_images
+from shardfit._shm import FREE, HELD, SlotRing
+
+keras = pytest.importorskip("keras")
+
+from shardfit import Sequence  # noqa: E402
+
+HERE = Path(__file__).parent
+N_PER_CLASS = {"a": 30, "b": 25, "c": 20}  # 75 images, 60 in train
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("transport")
+    make_folder(root / "src", N_PER_CLASS)
+    pack_images(
+        root / "src", root / "d.zarr", image_size=(8, 8), shard_size=8, val_fraction=0.2, workers=0
+    )
+    return root / "d.zarr"
+
+
+def _fill(ring: SlotRing, value: float) -> object:
+    """Play a worker: claim a slot, write a batch, return what it would send."""
+    slot = ring.claim(wait_s=0)
+    assert slot is not None
+    images = ring.array(slot, (4, 2, 2, 3), np.float32)
+    images[...] = value
+    return ring.send(slot, images, (np.arange(4, dtype=np.int32),))
+
+
+def _receive(handle: object) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = pickle.loads(pickle.dumps(handle))  # what the pool's result thread does
+    return images, labels
+
+
+# -- the ring ------------------------------------------------------------------------------------
+
+
+def test_a_slot_is_reused_only_when_no_array_or_view_of_it_is_left() -> None:
+    ring = SlotRing(2, 4 * 2 * 2 * 3 * 4)
+    handle = _fill(ring, 0.5)
+    assert len(pickle.dumps(handle)) < 1000
+    images, labels = _receive(handle)
+    assert images.shape == (4, 2, 2, 3) and np.all(images == 0.5)
+    assert labels.tolist() == [0, 1, 2, 3]
+    assert ring.in_use() == 1 and HELD in ring.state
+    view = images[1:, ::-1]
+    del images
+    gc.collect()
+    assert ring.in_use() == 1, "a view still reads the slot"
+    del view
+    gc.collect()
+    assert ring.in_use() == 0 and np.all(ring.state == FREE)
+    assert ring.stats.shared == 1 and ring.stats.pickled == 0
+
+
+def test_a_full_ring_gives_no_slot_until_one_is_dropped() -> None:
+    ring = SlotRing(2, 4 * 2 * 2 * 3 * 4)
+    held = [_receive(_fill(ring, v)) for v in (1.0, 2.0)]
+    assert ring.claim(wait_s=0.01) is None
+    assert [float(x[0].flat[0]) for x in held] == [1.0, 2.0]  # nothing overwritten
+    held.pop()
+    gc.collect()
+    assert ring.claim(wait_s=0) is not None
+
+
+def test_tensorflow_aliases_generator_batches_so_slots_wait_for_its_tensors() -> None:
+    """fit pulls a PyDataset through tf.data.Dataset.from_generator: its tensors share the
+    numpy memory they were made from (proved by writing under them), and keep it referenced,
+    so a slot is not freed while such a tensor lives."""
+    import tensorflow as tf
+
+    ring = SlotRing(3, 4 * 2 * 2 * 3 * 4)
+
+    def batches():  # type: ignore[no-untyped-def]
+        for v in (1.0, 2.0, 3.0):
+            yield _receive(_fill(ring, v))[0]
+
+    ds = tf.data.Dataset.from_generator(
+        batches, output_signature=tf.TensorSpec((4, 2, 2, 3), tf.float32)
+    )
+    tensors = list(ds)
+    gc.collect()
+    assert [float(t[0, 0, 0, 0]) for t in tensors] == [1.0, 2.0, 3.0]
+    assert ring.in_use() == 3, "TensorFlow's tensors keep their slots"
+    for slot in range(3):  # overwrite the memory behind the tensors' backs
+        ring.array(slot, (4, 2, 2, 3), np.float32)[...] = -1.0
+    assert [float(t[0, 0, 0, 0]) for t in tensors] == [-1.0] * 3, "the tensors alias the slots"
+    del tensors, ds
+    gc.collect()
+    assert ring.in_use() == 0
+
+
+def _claim_all_and_report(ring: SlotRing, out: mp.Queue, done) -> None:  # type: ignore[no-untyped-def,type-arg]
+    got = []
+    while (slot := ring.claim(wait_s=0)) is not None:
+        got.append(slot)
+    out.put(got)
+    done.wait(30)  # a writer that exits gives its claims up: stay until all have claimed
+
+
+def test_processes_racing_for_slots_never_share_one() -> None:
+    ring = SlotRing(64, 64)
+    ctx = mp.get_context("fork")
+    out, done = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_claim_all_and_report, args=(ring, out, done)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    claims = [out.get(timeout=30) for _ in procs]
+    done.set()
+    for p in procs:
+        p.join(timeout=30)
+    flat = [s for c in claims for s in c]
+    assert sorted(flat) == list(range(64))  # every slot claimed exactly once
+
+
+def _die_holding_a_slot(ring: SlotRing) -> None:
+    ring.claim(wait_s=0)
+    os._exit(1)
+
+
+def test_a_slot_claimed_by_a_dead_worker_is_recovered() -> None:
+    ring = SlotRing(1, 64)
+    p = mp.get_context("fork").Process(target=_die_holding_a_slot, args=(ring,))
+    p.start()
+    p.join(timeout=30)
+    assert ring.in_use() == 1
+    assert ring.claim(wait_s=0) == 0
+
+
+def test_a_batch_handle_unpickled_in_another_process_is_a_clear_error() -> None:
+    ring = SlotRing(1, 4 * 2 * 2 * 3 * 4)
+    data = pickle.dumps(_fill(ring, 1.0))
+    code = (
+        "import pickle, sys\n"
+        "try:\n    pickle.loads(sys.stdin.buffer.read())\n"
+        "except Exception as e:\n    print(type(e).__name__, e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, timeout=60)
+    assert b"SharedMemoryError" in proc.stdout and b"does not own its ring" in proc.stdout
+
+
+def test_the_ring_pickles_only_into_a_starting_process() -> None:
+    ring = SlotRing(1, 64)
+    with pytest.raises(SharedMemoryError, match="only to worker processes"):
+        pickle.dumps(ring)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 1 MiB tmpfs standing in for a too-small /dev/shm (needs root to mount)."""
+    mount = tmp_path / "tiny-shm"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)])
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_too_small_shm_directory_is_a_clear_error(  # type: ignore[no-untyped-def]
+    store: Path, tiny_tmpfs: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("SHARDFIT_SHM_DIR", str(tiny_tmpfs))
+    with pytest.raises(SharedMemoryError, match=r"tiny-shm is too small .* it needs \d+ MiB"):
+        SlotRing(8, 1 << 20)
+    seq = Sequence(store, batch_size=8192, workers=2, use_multiprocessing=True)
+    with pytest.raises(SharedMemoryError, match="--shm-size"):
+        len(seq)  # Keras asks this before starting workers: the ring is made then
+    assert os.listdir(tiny_tmpfs) == []
+    SlotRing(2, 1024)  # a ring that fits is fine
+
+
+def test_a_missing_shm_directory_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("SHARDFIT_SHM_DIR", str(tmp_path / "nope"))
+    with pytest.raises(SharedMemoryError, match="nope: No such file or directory"):
+        SlotRing(1, 64)
+
+
+# -- under fit, in fresh interpreters (fork and forkserver) ------------------------------------
+
+
+def _run_child(method: str, store: Path, *scenarios: str, sigint: bool = False) -> dict:  # type: ignore[type-arg]
+    cmd = [sys.executable, str(HERE / "_transport_child.py"), method, str(store), *scenarios]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    lines: list[str] = []
+    errors: list[str] = []
+
+    def pump_stdout() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if sigint and line.startswith("FITTING"):
+                os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+
+    def pump_stderr() -> None:
+        assert proc.stderr is not None
+        errors.extend(proc.stderr)
+
+    pumps = [threading.Thread(target=f, daemon=True) for f in (pump_stdout, pump_stderr)]
+    for t in pumps:
+        t.start()
+    try:
+        proc.wait(timeout=300)
+    finally:
+        # whatever the child left in its process group (it reported what it saw first) would
+        # keep the pipes open
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    for t in pumps:
+        t.join(timeout=30)
+    results = {}
+    for line in lines:
+        if line.startswith("RESULT "):
+            r = json.loads(line[7:])
+            results[r["scenario"]] = r
+    assert set(results) == set(scenarios), "".join(errors)[-3000:]
+    return results
+
+
+def _per_epoch(r: dict) -> list[list[int]]:  # type: ignore[type-arg]
+    bounds = [*r["epoch_starts"], len(r["seen"])]
+    return [r["seen"][a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _nothing_left(r: dict) -> None:  # type: ignore[type-arg]
+    """No worker left, no file in /dev/shm, and the scenario's ring closed (its mapping may
+    outlive close() only while batches Keras still holds view it)."""
+    assert r["token"] is not None
+    assert r["children"] == [], "worker processes left behind"
+    assert r["shm_files"] == [], "files left in the shared-memory directory"
+    if r["leases"] == 0:
+        assert r["ring_fds"] == [], "the ring is still open after close()"
+    else:
+        # Keras keeps the batches it drained from a failed epoch (its enqueuer's ready_queue,
+        # itself kept by TensorFlow): their memory stays mapped until they go, nothing more
+        assert len(r["ring_fds"]) <= 1 and r["leases"] <= 2 + 2, r
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_fit_through_shared_memory_sees_every_sample_and_leaves_nothing(
+    store: Path, method: str
+) -> None:
+    results = _run_child(
+        method, store, "normal", "augment", "worker-exception", "early-stopping", "kill-9"
+    )
+    plan_seq = Sequence(store, batch_size=8, seed=3)
+    position = _stored_index(plan_seq)
+
+    def plan(epoch: int) -> list[int]:
+        return [
+            int(position[s])
+            for i in range(len(plan_seq))
+            for s in plan_seq.sample_indices(i, epoch)
+        ]
+
+    normal = results["normal"]
+    assert normal["error"] is None
+    assert normal["epochs"] == [0, 1, 2]
+    assert [[v % 65536 for v in e] for e in _per_epoch(normal)] == [plan(e) for e in range(3)]
+    shared, pickled = normal["stats"]
+    assert pickled == 0 and shared >= 3 * len(plan_seq) - 2  # Keras probes 2 batches itself
+    _nothing_left(normal)
+
+    # seeded augmentation in the workers: the draws of (seed, epoch, batch) reached the model
+    augment = results["augment"]
+    assert augment["error"] is None
+    for e, got in enumerate(_per_epoch(augment)):
+        expect = []
+        for i in range(len(plan_seq)):
+            rng = np.random.default_rng([3, 0x5348_0003, e, i])
+            draws = rng.integers(0, 256, len(plan_seq.sample_indices(i, e)))
+            expect += [
+                int(position[s]) + 65536 * int(d)
+                for s, d in zip(plan_seq.sample_indices(i, e), draws, strict=True)
+            ]
+        assert got == expect
+    _nothing_left(augment)
+
+    failed = results["worker-exception"]
+    assert "Boom: transform failed on purpose" in failed["error"]
+    _nothing_left(failed)
+
+    early = results["early-stopping"]
+    assert early["error"] is None and early["epochs"] == [0, 1]  # of 4
+    _nothing_left(early)
+
+    killed = results["kill-9"]
+    assert "WorkerCrashedError: data worker process" in killed["error"]
+    assert killed["seconds"] < 60, "fit hung on a killed worker"
+    _nothing_left(killed)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_ctrl_c_during_fit_leaves_no_worker_and_no_ring(store: Path, method: str) -> None:
+    r = _run_child(method, store, "sigint", sigint=True)["sigint"]
+    assert r["error"].startswith("KeyboardInterrupt")
+    _nothing_left(r)
+
+
+def _stored_index(seq: Sequence) -> np.ndarray:
+    """The index each stored sample of the split encodes, by storage position."""
+    from conftest import decode_index
+
+    images = np.zeros((seq.num_samples, 8, 8, 3), np.float32)
+    seq._reader.read_into(np.arange(seq.num_samples), images)
+    return np.array([decode_index(im)[0] for im in images])
+
+
+# -- transforms --------------------------------------------------------------------------------
+
+
+def _stamp(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    images[..., 2] = rng.integers(0, 256, len(images))[:, None, None] / 255
+    return images
+
+
+def test_a_transform_is_seeded_by_seed_epoch_and_batch(store: Path) -> None:
+    a = Sequence(store, batch_size=8, seed=5, transform=_stamp)
+    b = Sequence(store, batch_size=8, seed=5, transform=_stamp, initial_epoch=1)
+    first = [a[i][0][:, 0, 0, 2].copy() for i in range(len(a))]
+    assert a[0][0][:, 0, 0, 2].tolist() == first[0].tolist()  # the same batch again: same draw
+    a.on_epoch_end()
+    second = [a[i][0][:, 0, 0, 2].copy() for i in range(len(a))]
+    assert any((x != y).any() for x, y in zip(first, second, strict=True))
+    resumed = [b[i][0][:, 0, 0, 2].copy() for i in range(len(b))]  # a resume at epoch 1
+    assert all((x == y).all() for x, y in zip(second, resumed, strict=True))
+
+
+def test_a_transform_must_return_the_batch(store: Path) -> None:
+    seq = Sequence(store, batch_size=8, transform=lambda images, rng: images[:3])
+    with pytest.raises(TransformError, match=r"batch's 8 images first. Received: \(3, 8, 8, 3\)"):
+        seq[0]
+    with pytest.raises(InvalidOptionError, match="transform must be a callable"):
+        Sequence(store, transform="flip")  # type: ignore[arg-type]
+
+
+def test_a_transform_that_cannot_pickle_is_named_when_workers_start(store: Path) -> None:
+    from multiprocessing import context
+
+    seq = Sequence(store, batch_size=8, transform=lambda images, rng: images)
+    pickle.dumps(seq)  # plain pickling does not need the transform
+    context.set_spawning_popen(object())  # as while multiprocessing starts a spawn worker
+    try:
+        with pytest.raises(InvalidOptionError, match=r"transform must pickle .* <lambda>"):
+            pickle.dumps(seq)
+    finally:
+        context.set_spawning_popen(None)
