@@ -1,42 +1,33 @@
 """A ring of shared-memory batch slots: worker processes fill them, the parent reads them in place.
 
-Keras's process pool returns whatever ``__getitem__`` returns by pickling it through a pipe
-(about 600 images/s for 224x224 float32 batches on these machines, DESIGN.md). Here a worker
-writes its batch into a slot of one shared-memory file and returns a :class:`SlotBatch`, which
-pickles to a few hundred bytes and unpickles in the parent (in the pool's result thread) to
-arrays that are views of the slot: no copy on the way.
+Pickling a 224x224 float32 batch through a pipe runs at about 600 images/s on these machines
+(DESIGN.md). Here the parent hands a worker the number of a free slot with each task; the worker
+writes the batch there and answers with its shape; the parent wraps the slot's memory as the
+batch array: no copy on the way back.
 
-Lifetime of a slot, in the header's ``state`` words:
+The parent alone decides which slots are free, so no lock crosses processes and a dead worker
+cannot leave a slot claimed. A slot handed out as a batch comes back when the batch's
+:class:`_Lease` is garbage, i.e. when nothing holds the array or any view of it any more.
+TensorFlow's ``Dataset.from_generator`` (the way Keras's ``fit`` pulls a PyDataset) makes
+tensors that alias the numpy memory and keep the array alive (``tests/test_transport.py`` pins
+this), so a slot is not reused while a tensor made from it lives.
 
-- ``FREE`` -> ``WRITING``: a worker claims it under an ``fcntl`` record lock on the slot's byte
-  of the file (the kernel drops such locks when a process dies, so a killed worker never leaves
-  a lock behind), and records its pid as the owner.
-- ``WRITING`` -> ``SENT``: the worker has written the batch and returns the handle.
-- ``SENT`` -> ``HELD``: the handle is unpickled in the parent; the arrays are views of a
-  :class:`_Lease` object.
-- ``HELD`` -> ``FREE``: when the lease is garbage, i.e. nothing holds the arrays or any view of
-  them any more. TensorFlow's ``Dataset.from_generator`` (the way Keras's ``fit`` pulls a
-  PyDataset) makes tensors that alias the numpy memory and keep the array alive
-  (``tests/test_shm.py`` pins this), so a slot is not reused while a tensor made from it lives.
-
-The file is created in ``/dev/shm`` (or ``$SHARDFIT_SHM_DIR``), reserved with
+The ring is one file in ``/dev/shm`` (or ``$SHARDFIT_SHM_DIR``), reserved with
 ``posix_fallocate`` (a full ``/dev/shm`` is a clear error up front, not a SIGBUS in a worker
 later) and unlinked at once: nothing is ever left behind in ``/dev/shm``, whatever ends the
-processes. Forked workers inherit the mapping; spawned and forkserver workers receive the file
-descriptor while Keras's pool starts them (``multiprocessing.reduction.DupFd``).
+processes. Workers map it through :class:`RingHandle`, which forked workers inherit and spawned
+or forkserver workers receive as a duplicated descriptor while they start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import itertools
 import logging
 import mmap
 import os
+import queue
 import threading
-import time
 import weakref
 from dataclasses import dataclass
 from multiprocessing import context, reduction
@@ -47,17 +38,13 @@ import numpy.typing as npt
 
 from shardfit.errors import SharedMemoryError
 
-__all__ = ["SlotBatch", "SlotRing", "shm_directory"]
+__all__ = ["RingHandle", "SlotRing", "shm_directory"]
 
 log = logging.getLogger("shardfit")
 
-FREE, WRITING, SENT, HELD = 0, 1, 2, 3
 _PAGE = mmap.PAGESIZE
-_HEADER_WORDS = 2  # state, owner pid
-
-#: The rings this process owns, by token: where an unpickled handle finds its memory.
-_RINGS: weakref.WeakValueDictionary[str, SlotRing] = weakref.WeakValueDictionary()
-_COUNTER = itertools.count()
+# Map every page up front: a first touch of a page costs a fault, which on these VMs is slow.
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def shm_directory() -> str:
@@ -78,154 +65,106 @@ class TransportStats:
     pickled: int = 0
 
 
-class SlotRing:
-    """``slots`` page-aligned shared-memory slots of ``slot_bytes`` bytes each.
+class RingHandle:
+    """What a worker needs to write into the ring: its descriptor and geometry.
 
-    Create it in the process that consumes batches, before the workers start. It pickles (only
-    while ``multiprocessing`` starts a process) to its token and a duplicate of its file
-    descriptor.
-
-    Raises:
-        SharedMemoryError: the shared-memory directory is missing, not writable, or too small.
+    It pickles only while ``multiprocessing`` starts a process (the descriptor travels as a
+    duplicate); a forked worker inherits it as it is.
     """
 
-    def __init__(self, slots: int, slot_bytes: int) -> None:
-        self.slots = slots
-        self.slot_bytes = slot_bytes
+    def __init__(self, fd: int, slots: int, slot_bytes: int) -> None:
+        self.fd, self.slots, self.slot_bytes = fd, slots, slot_bytes
         self.stride = _round_up(max(slot_bytes, 1), _PAGE)
-        self.header = _round_up(_HEADER_WORDS * 4 * slots, _PAGE)
-        self.size = self.header + self.stride * slots
-        self.token = f"{os.getpid()}-{next(_COUNTER)}"
-        self.owner_pid = os.getpid()
-        self.stats = TransportStats()
-        self._stats_lock = threading.Lock()
-        directory = shm_directory()
-        path = os.path.join(directory, f"shardfit-{self.token}-{os.urandom(4).hex()}")
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as err:
-            raise SharedMemoryError(
-                f"cannot create the shared-memory batch ring in {directory}: {err.strerror}. "
-                "Set SHARDFIT_SHM_DIR to a writable tmpfs, or pass shared_memory=False"
-            ) from None
-        os.unlink(path)  # the open descriptors keep it; nothing can be left behind
-        try:
-            os.posix_fallocate(fd, 0, self.size)
-        except OSError as err:
-            os.close(fd)
-            if err.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
-                raise SharedMemoryError(_too_small(directory, self.size)) from None
-            raise SharedMemoryError(
-                f"cannot reserve {self.size / 2**20:.0f} MiB in {directory}: {err.strerror}"
-            ) from None
-        self._fd = fd
-        self._map(fd)
-        _RINGS[self.token] = self
-
-    def _map(self, fd: int) -> None:
-        self._fd = fd
-        self._closer = weakref.finalize(self, _close_fd, fd)
-        self._mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        words = np.frombuffer(self._mm, np.int32, _HEADER_WORDS * self.slots)
-        self.state: npt.NDArray[np.int32] = words[: self.slots]
-        self.owner: npt.NDArray[np.int32] = words[self.slots :]
-
-    # -- crossing into a new process ------------------------------------------------------
+        self.size = self.stride * slots
+        self._mm: mmap.mmap | None = None
+        self._pid = -1
 
     def __getstate__(self) -> dict[str, Any]:
         if context.get_spawning_popen() is None:
             raise SharedMemoryError(
                 "a shared-memory ring travels only to worker processes while they start"
             )
-        return {
-            "slots": self.slots,
-            "slot_bytes": self.slot_bytes,
-            "token": self.token,
-            "owner_pid": self.owner_pid,
-            "fd": reduction.DupFd(self._fd),
-        }
+        return {"fd": reduction.DupFd(self.fd), "slots": self.slots, "slot_bytes": self.slot_bytes}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init_from(state["slots"], state["slot_bytes"], state["token"], state["owner_pid"])
-        self._map(state["fd"].detach())
-
-    def __init_from(self, slots: int, slot_bytes: int, token: str, owner_pid: int) -> None:
-        self.slots, self.slot_bytes = slots, slot_bytes
-        self.stride = _round_up(max(slot_bytes, 1), _PAGE)
-        self.header = _round_up(_HEADER_WORDS * 4 * slots, _PAGE)
-        self.size = self.header + self.stride * slots
-        self.token, self.owner_pid = token, owner_pid
-        self.stats = TransportStats()
-        self._stats_lock = threading.Lock()
-
-    # -- worker side ----------------------------------------------------------------------
-
-    def claim(self, wait_s: float = 0.05) -> int | None:
-        """A free slot, now ``WRITING`` and owned by this process; ``None`` if none freed up
-        within ``wait_s`` seconds (the consumer holds them all)."""
-        pid = os.getpid()
-        deadline = time.monotonic() + wait_s
-        pause = 0.0002
-        while True:
-            for k in range(self.slots):
-                s = (pid + k) % self.slots  # workers start their search at different slots
-                st = int(self.state[s])
-                if st == WRITING and not alive(int(self.owner[s])):
-                    st = FREE  # its writer died mid-batch: nobody else will ever free it
-                elif st != FREE:
-                    continue
-                try:
-                    fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, s)
-                except OSError:
-                    continue
-                try:
-                    now = int(self.state[s])
-                    if now == FREE or (now == WRITING and not alive(int(self.owner[s]))):
-                        self.owner[s] = pid
-                        self.state[s] = WRITING
-                        return s
-                finally:
-                    fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, s)
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(pause)
-            pause = min(pause * 2, 0.005)
+        self.__init__(state["fd"].detach(), state["slots"], state["slot_bytes"])  # type: ignore[misc]
 
     def array(self, slot: int, shape: tuple[int, ...], dtype: Any) -> npt.NDArray[Any]:
-        """The start of ``slot`` as an array (for the worker that claimed it to write into)."""
+        """Slot ``slot`` as an array of ``shape`` and ``dtype`` (mapped in this process on
+        first use)."""
         dt = np.dtype(dtype)
         count = int(np.prod(shape))
-        if count * dt.itemsize > self.slot_bytes:
-            raise ValueError(f"{shape} {dt} does not fit a slot of {self.slot_bytes} bytes")
-        out: npt.NDArray[Any] = np.frombuffer(
-            self._mm, dt, count, self.header + slot * self.stride
-        ).reshape(shape)
-        return out
+        if not 0 <= slot < self.slots or count * dt.itemsize > self.slot_bytes:
+            raise ValueError(f"{shape} {dt} does not fit slot {slot} of {self.slot_bytes} bytes")
+        if self._mm is None or self._pid != os.getpid():
+            self._mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED | _POPULATE)
+            self._pid = os.getpid()
+        out: npt.NDArray[Any] = np.frombuffer(self._mm, dt, count, slot * self.stride)
+        return out.reshape(shape)
 
     def fits(self, nbytes: int) -> bool:
         return nbytes <= self.slot_bytes
 
-    def send(self, slot: int, images: npt.NDArray[Any], rest: tuple[Any, ...]) -> SlotBatch:
-        """The handle to return for a batch whose images were written to ``slot``."""
-        self.state[slot] = SENT
-        return SlotBatch(self.token, slot, images.shape, images.dtype.str, rest)
 
-    def abandon(self, slot: int) -> None:
-        """Give back a claimed slot that will not be sent (the batch failed or went by pipe)."""
-        self.state[slot] = FREE
+class SlotRing:
+    """``slots`` page-aligned shared-memory slots of ``slot_bytes`` bytes each, owned by the
+    process that makes it (the consumer of batches).
 
-    # -- parent side ----------------------------------------------------------------------
+    Raises:
+        SharedMemoryError: the shared-memory directory is missing, not writable, or too small.
+    """
 
-    def _take(self, slot: int, shape: tuple[int, ...], typestr: str) -> npt.NDArray[Any]:
-        self.state[slot] = HELD
-        buf = np.frombuffer(
-            self._mm,
-            np.uint8,
-            int(np.prod(shape)) * np.dtype(typestr).itemsize,
-            self.header + slot * self.stride,
-        )
-        lease = _Lease(buf, shape, typestr, self.token)
-        weakref.finalize(lease, _release, self.state, slot)
+    def __init__(self, slots: int, slot_bytes: int) -> None:
+        directory = shm_directory()
+        stride = _round_up(max(slot_bytes, 1), _PAGE)
+        size = stride * slots
+        path = os.path.join(directory, f"shardfit-{os.getpid()}-{os.urandom(6).hex()}")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as err:
+            raise SharedMemoryError(
+                f"cannot create the shared-memory batch ring in {directory}: {err.strerror}. "
+                "Set SHARDFIT_SHM_DIR to a writable tmpfs, or pass use_multiprocessing=False"
+            ) from None
+        os.unlink(path)  # the open descriptors keep it; nothing can be left behind
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+                raise SharedMemoryError(_too_small(directory, size)) from None
+            raise SharedMemoryError(
+                f"cannot reserve {size / 2**20:.0f} MiB in {directory}: {err.strerror}"
+            ) from None
+        self.handle = RingHandle(fd, slots, slot_bytes)
+        self.slots, self.slot_bytes = slots, slot_bytes
+        self.stats = TransportStats()
+        self._stats_lock = threading.Lock()
+        # SimpleQueue: put() is safe from a finalizer that runs in the middle of a get()
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for s in range(slots):
+            self._free.put(s)
+        self._closer = weakref.finalize(self, _close_fd, fd)
+
+    def claim(self, wait_s: float) -> int | None:
+        """A free slot, or ``None`` if none came free within ``wait_s`` seconds (the consumer
+        holds them all)."""
+        try:
+            return self._free.get(timeout=wait_s) if wait_s > 0 else self._free.get_nowait()
+        except queue.Empty:
+            return None
+
+    def give_back(self, slot: int) -> None:
+        """Return a claimed slot that will not be handed out (its batch failed or went by
+        pipe)."""
+        self._free.put(slot)
+
+    def take(self, slot: int, shape: tuple[int, ...], dtype: Any) -> npt.NDArray[Any]:
+        """The batch a worker wrote to ``slot``, as an array viewing it; the slot comes free when
+        that array and every view of it are gone."""
+        buf = self.handle.array(slot, shape, dtype)
+        lease = _Lease(buf)
+        weakref.finalize(lease, self._free.put, slot)
         self.count(shared=True)
         return np.asarray(lease)
 
@@ -236,17 +175,19 @@ class SlotRing:
             else:
                 self.stats.pickled += 1
 
-    def in_use(self) -> int:
-        """Slots not ``FREE`` now."""
-        return int(np.count_nonzero(self.state != FREE))
+    def free_slots(self) -> int:
+        """Slots not handed out now."""
+        return self._free.qsize()
 
     def close(self) -> None:
         """Close the descriptor and unmap, unless arrays still view the memory (then the
         mapping goes when the last of them does)."""
         self._closer()
-        del self.state, self.owner  # views of the mapping: they would keep it from closing
-        with contextlib.suppress(BufferError):
-            self._mm.close()
+        mm = self.handle._mm
+        self.handle._mm = None
+        if mm is not None:
+            with contextlib.suppress(BufferError):
+                mm.close()
 
 
 def _close_fd(fd: int) -> None:
@@ -254,94 +195,22 @@ def _close_fd(fd: int) -> None:
         os.close(fd)
 
 
-def _release(state: npt.NDArray[np.int32], slot: int) -> None:
-    state[slot] = FREE
-
-
 class _Lease:
-    """The owner of one handed-out slot's arrays: the slot is freed when this is garbage.
+    """The owner of one handed-out slot's array: the slot is freed when this is garbage.
 
-    Arrays made with ``np.asarray(lease)`` and every view of them keep the lease alive (numpy
+    The array made with ``np.asarray(lease)`` and every view of it keep the lease alive (numpy
     keeps the first base that is not an array), so "the lease is gone" means "nothing, Python
     or TensorFlow, can still read the slot".
     """
 
-    def __init__(
-        self, buf: npt.NDArray[np.uint8], shape: tuple[int, ...], typestr: str, token: str
-    ) -> None:
+    def __init__(self, buf: npt.NDArray[Any]) -> None:
         self._buf = buf  # keeps the mapping alive (and un-closable) while the arrays live
-        self.token = token  # which ring
         self.__array_interface__ = {
-            "shape": tuple(shape),
-            "typestr": typestr,
+            "shape": buf.shape,
+            "typestr": buf.dtype.str,
             "data": (buf.ctypes.data, False),
             "version": 3,
         }
-
-
-class SlotBatch:
-    """What a worker returns instead of its batch: unpickles to ``(images, *rest)`` in the
-    process that owns the ring, ``images`` viewing the slot."""
-
-    __slots__ = ("rest", "shape", "slot", "token", "typestr")
-
-    def __init__(
-        self, token: str, slot: int, shape: tuple[int, ...], typestr: str, rest: tuple[Any, ...]
-    ) -> None:
-        self.token, self.slot, self.shape, self.typestr, self.rest = (
-            token,
-            slot,
-            tuple(shape),
-            typestr,
-            rest,
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_attach, (self.token, self.slot, self.shape, self.typestr, self.rest))
-
-
-def _attach(
-    token: str, slot: int, shape: tuple[int, ...], typestr: str, rest: tuple[Any, ...]
-) -> tuple[Any, ...]:
-    ring = _RINGS.get(token)
-    if ring is None or ring.owner_pid != os.getpid():
-        raise SharedMemoryError(
-            "a shared-memory batch arrived in a process that does not own its ring "
-            f"(ring {token}, this process {os.getpid()})"
-        )
-    return (ring._take(slot, shape, typestr), *rest)
-
-
-class PickledBatch:
-    """A worker's batch sent whole through the pipe (no free slot, or it did not fit one);
-    unpickles to the plain tuple and counts itself."""
-
-    __slots__ = ("batch", "token")
-
-    def __init__(self, token: str, batch: tuple[Any, ...]) -> None:
-        self.token, self.batch = token, batch
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_pickled, (self.token, self.batch))
-
-
-def _pickled(token: str, batch: tuple[Any, ...]) -> tuple[Any, ...]:
-    ring = _RINGS.get(token)
-    if ring is not None:
-        ring.count(shared=False)
-    return batch
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie counts as dead)."""
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
 
 
 def _too_small(directory: str, size: int) -> str:
@@ -355,5 +224,5 @@ def _too_small(directory: str, size: int) -> str:
         f"{directory} is too small for the shared-memory batch ring: it needs "
         f"{size / 2**20:.0f} MiB ({free}). Enlarge it (docker run --shm-size=..., or "
         "mount -o remount,size=... /dev/shm), set SHARDFIT_SHM_DIR to a larger tmpfs, lower "
-        "batch_size or max_queue_size, or pass shared_memory=False"
+        "batch_size or max_queue_size, or pass use_multiprocessing=False"
     )

@@ -3,31 +3,38 @@
 Importing this module imports Keras; ``import shardfit`` alone does not (``shardfit.Sequence``
 is loaded on first use).
 
+Where batches are built:
+
+- no workers, or ``workers`` threads (Keras's thread enqueuer): in this process, into reused
+  buffers (``_buffers``);
+- ``use_multiprocessing=True``: in shardfit's own worker processes (``_workers``), started
+  once and kept across epochs, which write each batch into a slot of a shared-memory ring
+  (``_shm``); Keras is told to use ``workers`` threads, each of which hands its requests to the
+  processes and gets back an array viewing the slot. Keras's own process pool (which pickles
+  every batch) is used only with ``shared_memory=False``.
+
 Epoch bookkeeping, designed around what Keras 3.15 does (DESIGN.md, pinned by tests under
 ``fit`` with no workers, threads and processes):
 
-- Keras never tells a dataset which epoch it serves, its ``on_epoch_begin`` races with the
-  workers, and ``on_epoch_end`` runs once more than there are epochs (once before the first).
-  With TensorFlow's prefetch and no workers, the next epoch's first batches may even be fetched
-  before ``on_epoch_end`` runs.
-- In this process (no workers, or threads), the epoch advances when a batch index is asked for a
-  second time after every index of the epoch has been served, or at ``on_epoch_end`` once they
-  all have, whichever comes first; so early prefetches land in the right epoch and extra hook
-  calls change nothing. Batches asked for and discarded before an epoch (Keras builds its
-  tensor signature from batches 0 and 1) are forgotten at the next ``on_epoch_end``.
-- With worker processes, batches are built in the workers, which Keras starts anew for every
-  epoch from the parent's state after ``on_epoch_end``; there the parent counts the hook calls
-  (the first one comes before epoch 0).
-
-With worker processes, batches travel through a ring of shared-memory slots (``_shm``) instead
-of being pickled through Keras's pipes, and a watch thread turns a dead worker into an error
-instead of a hang (``_watch``).
+- Keras never tells a dataset which epoch it serves, its ``on_epoch_begin`` races with its
+  process workers, and ``on_epoch_end`` runs once more than there are epochs (once before the
+  first). With TensorFlow's prefetch and no workers, the next epoch's first batches may even be
+  fetched before ``on_epoch_end`` runs.
+- When batches are asked for in this process (all modes but Keras's process pool), the epoch
+  advances when a batch index is asked for a second time after every index of the epoch has
+  been served, or at ``on_epoch_end`` once they all have, whichever comes first; so early
+  prefetches land in the right epoch and extra hook calls change nothing. Batches asked for and
+  discarded before an epoch (Keras builds its tensor signature from batches 0 and 1) are
+  forgotten at the next ``on_epoch_end``. The epoch travels to shardfit's workers with each
+  request.
+- In Keras's process pool, batches are built in workers that Keras starts anew for every epoch
+  from the parent's state after ``on_epoch_end``; there the parent counts the hook calls (the
+  first one comes before epoch 0).
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import threading
 from dataclasses import dataclass
 from multiprocessing import context
@@ -37,20 +44,18 @@ import keras
 import numpy as np
 import numpy.typing as npt
 
+from shardfit._batch import BatchMaker
 from shardfit._buffers import BufferPool
 from shardfit._epoch import batch_count, epoch_order
 from shardfit._reader import ShardReader
-from shardfit._shm import PickledBatch, SlotRing
-from shardfit._watch import watch_keras_pools
-from shardfit.errors import InvalidOptionError, TransformError
+from shardfit._shm import SlotRing
+from shardfit._workers import WorkerPool, check_picklable
+from shardfit.errors import InvalidOptionError
 from shardfit.transforms import Transform
 
 __all__ = ["Sequence", "SequenceOptions"]
 
 LabelMode = Literal["int", "categorical"] | None
-
-#: Stream id of the transform generators (see _epoch for the others).
-_TRANSFORM_STREAM = 0x5348_0003
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,8 +73,11 @@ class SequenceOptions:
         drop_remainder: leave out the last, smaller batch.
         initial_epoch: the epoch the first ``fit`` epoch is; pass the same as
             ``fit(initial_epoch=...)`` when resuming.
-        shared_memory: with worker processes, send batches through shared-memory slots (the
-            default); ``False`` lets Keras pickle each batch through a pipe (much slower).
+        shared_memory: with ``use_multiprocessing=True``, build batches in shardfit's own
+            worker processes, which send them through shared memory (the default); ``False``
+            leaves the processes to Keras's own pool, which pickles every batch through a pipe
+            (many times slower, rebuilt every epoch, and it hangs ``fit`` if a worker is
+            killed); kept for comparison.
     """
 
     batch_size: int = 32
@@ -114,16 +122,26 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         batch_size, shuffle, seed, shuffle_window, label_mode, drop_remainder, initial_epoch,
         shared_memory: see :class:`SequenceOptions`.
         transform: ``fn(images, rng) -> images`` applied to every batch where it is built (in
-            the workers, with processes), ``rng`` seeded from ``(seed, epoch, batch index)``:
-            see :mod:`shardfit.transforms`.
+            the worker processes, with ``use_multiprocessing=True``), ``rng`` seeded from
+            ``(seed, epoch, batch index)``: see :mod:`shardfit.transforms`.
         workers, use_multiprocessing, max_queue_size: Keras's own ``PyDataset`` arguments.
+            With ``use_multiprocessing=True`` (and ``shared_memory=True``), ``workers`` is the
+            number of shardfit worker processes, and Keras sees a dataset fed by ``workers``
+            threads (``seq.use_multiprocessing`` reads ``False``; ``seq.processes`` ``True``).
 
     The object pickles to a few KB whatever the dataset's size; files are opened lazily in each
     process that reads.
 
-    With ``use_multiprocessing=True``, the first ``len()`` (Keras asks it before starting its
-    workers) reserves ``max_queue_size + workers + 4`` batch-sized slots of shared memory in
-    ``/dev/shm`` (or ``$SHARDFIT_SHM_DIR``), held until the Sequence is garbage or closed.
+    With worker processes, the first batch asked for starts them and reserves
+    ``max_queue_size + workers + 4`` batch-sized slots of shared memory in ``/dev/shm`` (or
+    ``$SHARDFIT_SHM_DIR``); both are held until :meth:`close`, or until the Sequence is
+    garbage. A worker that dies (killed, out of memory) makes the batch request fail with
+    :class:`~shardfit.errors.WorkerCrashedError`, so ``fit`` stops instead of hanging; the next
+    epoch begun (a new ``fit``) starts new workers.
+
+    Raises:
+        InvalidOptionError: an option breaks its rule.
+        DatasetFormatError, IncompleteDatasetError: the store cannot be read.
     """
 
     def __init__(
@@ -144,9 +162,6 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
     ) -> None:
-        super().__init__(
-            workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size
-        )
         self.options = SequenceOptions(
             batch_size=batch_size,
             shuffle=shuffle,
@@ -157,13 +172,22 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
             initial_epoch=initial_epoch,
             shared_memory=shared_memory,
         )
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+            raise InvalidOptionError(f"workers must be an int >= 0. Received: {workers!r}")
         if transform is not None and not callable(transform):
             raise InvalidOptionError(
                 f"transform must be a callable fn(images, rng) -> images. Received: {transform!r}"
             )
+        own = bool(use_multiprocessing) and shared_memory and workers > 0
+        super().__init__(
+            workers=workers,
+            use_multiprocessing=bool(use_multiprocessing) and not own,
+            max_queue_size=max_queue_size,
+        )
+        self._own_processes = own
         self.transform = transform
-        self._ring: SlotRing | None = None
         self._reader = ShardReader(path, split)
+        self._maker = BatchMaker(self._reader, transform, seed)
         self._length = batch_count(self._reader.count, batch_size, drop_remainder)
         self._epoch = initial_epoch
         self._hook_calls = 0
@@ -171,6 +195,8 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         self._early = False  # the current epoch began before the hook that ends the last one
         self._plan: tuple[int, npt.NDArray[np.int64]] | None = None
         self._pool: tuple[int, BufferPool] | None = None
+        self._ring: SlotRing | None = None
+        self._procs: WorkerPool | None = None
         self._lock = threading.Lock()
         self._pid = os.getpid()  # the process that owns the epoch bookkeeping
 
@@ -191,9 +217,19 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         """The epoch the next batches belong to (as this process sees it)."""
         return self._epoch
 
+    @property
+    def processes(self) -> bool:
+        """Whether batches are built in shardfit's own worker processes."""
+        return self._own_processes
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of shardfit's worker processes now running (none before the first
+        batch, or after :meth:`close`)."""
+        pool = self._procs
+        return [] if pool is None or pool.broken else pool.pids
+
     def __len__(self) -> int:
-        # Keras asks for the length in this process just before it starts its workers
-        self._prepare_processes()
         return self._length
 
     def __getitem__(self, index: int) -> Any:
@@ -201,40 +237,25 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
             raise IndexError(f"batch index must be in [0, {self._length}). Received: {index!r}")
         index = int(index)
         epoch = self._epoch_serving(index)
-        order = self._order(epoch)
         bs = self.options.batch_size
-        samples = order[index * bs : (index + 1) * bs]
-        shape = (samples.size, *self._reader.image_shape)
-        ring = self._ring if self._in_worker() else None
-        slot = ring.claim() if ring is not None else None
-        try:
-            if ring is not None and slot is not None:
-                images = ring.array(slot, shape, np.float32)
-            else:
-                images = self._buffers().array(shape, np.float32)
-            self._reader.read_into(samples, images)
-            if self.transform is not None:
-                images = self._transformed(self.transform, images, epoch, index)
-            batch = (images, *self._labels(samples))
-            if ring is None:
-                return batch
-            if slot is not None:
-                out = self._into_slot(ring, slot, images)
-                if out is not None:
-                    return ring.send(slot, out, batch[1:])
-                ring.abandon(slot)
-                slot = None
-            return PickledBatch(ring.token, batch)
-        except BaseException:
-            if ring is not None and slot is not None:
-                ring.abandon(slot)
-            raise
+        samples = self._order(epoch)[index * bs : (index + 1) * bs]
+        workers = self._worker_pool()
+        if workers is not None:
+            images = workers.images(samples, epoch, index)
+        else:
+            images = self._maker.images(samples, epoch, index, self._buffer)
+        return (images, *self._labels(samples))
 
     def close(self) -> None:
-        """Give back the shared-memory ring now (it is also given back when the Sequence is
-        garbage). Batches still held keep their memory until they are dropped."""
-        ring, self._ring = self._ring, None
-        if ring is not None and os.getpid() == self._pid:
+        """End the worker processes and give back the shared-memory ring now (both also go
+        when the Sequence is garbage). Batches still held keep their memory until dropped.
+        Batches asked for after this fail, until a new epoch begins (a new ``fit``)."""
+        with self._lock:
+            workers = self._procs  # stays, closed, so that late requests fail, not restart it
+            ring, self._ring = self._ring, None
+        if workers is not None:
+            workers.close()
+        if ring is not None:
             ring.close()
 
     @property
@@ -252,11 +273,20 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         bs = self.options.batch_size
         return order[index * bs : (index + 1) * bs]
 
+    def on_epoch_begin(self) -> None:
+        # a fit that failed on a dead worker, or a close(), left the pool broken: the next
+        # fit starts anew
+        workers = self._procs
+        if workers is not None and workers.broken:
+            with self._lock:
+                if self._procs is workers:
+                    self._procs = None
+            workers.close()
+
     def on_epoch_end(self) -> None:
-        self._prepare_processes()
         with self._lock:
             self._hook_calls += 1
-            if self._uses_processes():
+            if self._keras_processes():
                 if self._hook_calls > 1:  # the first call comes before epoch 0
                     self._epoch += 1
                     self._served.clear()
@@ -271,61 +301,37 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _buffers(self) -> BufferPool:
+    def _buffer(self, shape: tuple[int, ...]) -> npt.NDArray[np.float32]:
         pool = self._pool
         if pool is None or pool[0] != os.getpid():
             # enough for every batch Keras can hold at once: its queue, its workers, and the
             # batch being trained on; a batch still referenced anywhere is never reused
             capacity = self.max_queue_size + max(self.workers, 1) + 2
             pool = self._pool = (os.getpid(), BufferPool(capacity))
-        return pool[1]
+        return pool[1].array(shape, np.float32)
 
-    def _uses_processes(self) -> bool:
+    def _keras_processes(self) -> bool:
+        """Whether Keras's own process pool builds the batches (``shared_memory=False``)."""
         return bool(self.use_multiprocessing) and self.workers > 0
 
-    def _in_worker(self) -> bool:
-        return self._uses_processes() and os.getpid() != self._pid
-
-    def _prepare_processes(self) -> None:
-        """In the parent, before workers start: the watch thread, and the ring they write to."""
-        if not self._uses_processes() or os.getpid() != self._pid:
-            return
-        watch_keras_pools()
-        if self._ring is None and self.options.shared_memory:
-            with self._lock:
+    def _worker_pool(self) -> WorkerPool | None:
+        """shardfit's worker processes, started on first use; ``None`` when batches are built
+        in this process."""
+        if not self._own_processes or os.getpid() != self._pid:
+            return None
+        workers = self._procs
+        if workers is not None:
+            return workers
+        with self._lock:
+            if self._procs is None:
                 if self._ring is None:
                     per_image = int(np.prod(self._reader.image_shape)) * 4  # float32 out
                     self._ring = SlotRing(
                         self.max_queue_size + self.workers + 4,
                         self.options.batch_size * per_image,
                     )
-
-    def _transformed(
-        self, transform: Transform, images: npt.NDArray[np.float32], epoch: int, index: int
-    ) -> npt.NDArray[Any]:
-        rng = np.random.default_rng([self.options.seed, _TRANSFORM_STREAM, epoch, index])
-        out = transform(images, rng)
-        if not isinstance(out, np.ndarray) or out.ndim < 1 or out.shape[0] != images.shape[0]:
-            got = getattr(out, "shape", type(out).__name__)
-            raise TransformError(
-                f"transform must return a numpy array with the batch's {images.shape[0]} "
-                f"images first. Received: {got} from {transform!r}"
-            )
-        return out
-
-    @staticmethod
-    def _into_slot(ring: SlotRing, slot: int, images: npt.NDArray[Any]) -> npt.NDArray[Any] | None:
-        """``images`` as an array in ``slot`` (copied there unless it already is), or ``None``
-        when it does not fit."""
-        if not ring.fits(images.nbytes):
-            return None
-        dst = ring.array(slot, images.shape, images.dtype)
-        if dst.ctypes.data == images.ctypes.data and images.flags.c_contiguous:
-            return dst  # written in place
-        if np.may_share_memory(dst, images):
-            images = images.copy()  # a transform returned a rearranged view of the slot
-        dst[...] = images
-        return dst
+                self._procs = WorkerPool(self._maker, self._ring, self.workers)
+            return self._procs
 
     def _labels(self, samples: npt.NDArray[np.int64]) -> tuple[Any, ...]:
         mode = self.options.label_mode
@@ -339,8 +345,8 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         return (labels,)
 
     def _epoch_serving(self, index: int) -> int:
-        if self._uses_processes() and os.getpid() != self._pid:
-            return self._epoch  # a worker: the parent set the epoch before forking it
+        if os.getpid() != self._pid:
+            return self._epoch  # a Keras pool worker: the parent set it before forking it
         with self._lock:
             if index in self._served and len(self._served) == self._length:
                 self._epoch += 1  # a new pass began before on_epoch_end said so
@@ -366,25 +372,19 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         return order
 
     def __getstate__(self) -> dict[str, Any]:
-        spawning = context.get_spawning_popen() is not None
-        if spawning:
-            # multiprocessing is starting a worker (spawn/forkserver): it needs the ring and a
-            # transform that pickles
-            self._prepare_processes()
-            if self.transform is not None:
-                try:
-                    pickle.dumps(self.transform)
-                except Exception as err:
-                    raise InvalidOptionError(
-                        "transform must pickle to run in spawn or forkserver worker processes "
-                        "(define it at module level, or use shardfit.transforms). "
-                        f"Received: {self.transform!r} ({err})"
-                    ) from None
+        if self.transform is not None:
+            # a Sequence that arrived without its transform would silently train without it
+            spawning = context.get_spawning_popen() is not None
+            check_picklable(
+                self.transform,
+                "spawn or forkserver worker processes" if spawning else "another process",
+            )
         state = self.__dict__.copy()
-        state["_ring"] = self._ring if spawning else None  # the ring travels only to workers
         del state["_lock"]
         state["_plan"] = None  # recomputed where needed; it grows with the dataset
         state["_pool"] = None
+        state["_ring"] = None  # processes and shared memory stay with their owner
+        state["_procs"] = None
         state["_served"] = set()
         return state
 

@@ -61,7 +61,7 @@ def live_children() -> list[int]:
     ]
 
 
-def leftovers(token: str | None) -> dict[str, object]:
+def leftovers(ring_file: str | None, ring_map: int | None) -> dict[str, object]:
     """What is still there a while after fit: waits up to 60 s for workers to exit (a
     forkserver worker the pool started just before it closed first imports TensorFlow, which
     takes seconds on 2 busy cores, and only then sees the pool closed and exits)."""
@@ -78,12 +78,19 @@ def leftovers(token: str | None) -> dict[str, object]:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        if f"shardfit-{token}-" in target:
+        if ring_file is not None and target == ring_file:
             fds.append(target)
     from shardfit._shm import _Lease
 
-    leases = sum(isinstance(o, _Lease) and o.token == token for o in gc.get_objects())
+    leases = sum(isinstance(o, _Lease) and id(_root(o._buf)) == ring_map for o in gc.get_objects())
     return {"children": live_children(), "shm_files": files, "ring_fds": fds, "leases": leases}
+
+
+def _root(a: object) -> object:
+    """The object whose memory an array views (an mmap's, through numpy's memoryview)."""
+    while isinstance(a, np.ndarray):
+        a = a.base
+    return a.obj if isinstance(a, memoryview) else a
 
 
 class Boom(RuntimeError):
@@ -139,7 +146,10 @@ def main() -> None:
         ]
         batches = model.seen
         stats = seq.transport_stats
-        token = seq._ring.token if seq._ring is not None else None
+        ring_used = seq._ring is not None
+        # this scenario's ring: its file (the mapping keeps a descriptor of its own) and map
+        ring_file = os.readlink(f"/proc/self/fd/{seq._ring.handle.fd}") if ring_used else None
+        ring_map = id(seq._ring.handle._mm) if ring_used else None
         seq.close()  # Keras keeps the dataset referenced after fit: give the ring back now
         del seq, model
         result = {
@@ -152,8 +162,8 @@ def main() -> None:
             ],
             "seen": seen,
             "stats": stats,
-            "token": token,
-            **leftovers(token),
+            "ring_used": ring_used,
+            **leftovers(ring_file, ring_map),
         }
         print("RESULT " + json.dumps(result), flush=True)
 

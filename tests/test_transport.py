@@ -19,8 +19,15 @@ import numpy as np
 import pytest
 from conftest import make_folder
 
-from shardfit import InvalidOptionError, SharedMemoryError, TransformError, pack_images
-from shardfit._shm import FREE, HELD, SlotRing
+from shardfit import (
+    InvalidOptionError,
+    SharedMemoryError,
+    TransformError,
+    WorkerCrashedError,
+    pack_images,
+)
+from shardfit._shm import SlotRing
+from shardfit._workers import alive
 
 keras = pytest.importorskip("keras")
 
@@ -40,18 +47,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "d.zarr"
 
 
-def _fill(ring: SlotRing, value: float) -> object:
-    """Play a worker: claim a slot, write a batch, return what it would send."""
+def _fill(ring: SlotRing, value: float) -> np.ndarray:
+    """Play a worker and the pool: claim a slot, write a batch there, hand it out."""
     slot = ring.claim(wait_s=0)
     assert slot is not None
-    images = ring.array(slot, (4, 2, 2, 3), np.float32)
-    images[...] = value
-    return ring.send(slot, images, (np.arange(4, dtype=np.int32),))
-
-
-def _receive(handle: object) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = pickle.loads(pickle.dumps(handle))  # what the pool's result thread does
-    return images, labels
+    ring.handle.array(slot, (4, 2, 2, 3), np.float32)[...] = value
+    return ring.take(slot, (4, 2, 2, 3), np.float32)
 
 
 # -- the ring ------------------------------------------------------------------------------------
@@ -59,27 +60,24 @@ def _receive(handle: object) -> tuple[np.ndarray, np.ndarray]:
 
 def test_a_slot_is_reused_only_when_no_array_or_view_of_it_is_left() -> None:
     ring = SlotRing(2, 4 * 2 * 2 * 3 * 4)
-    handle = _fill(ring, 0.5)
-    assert len(pickle.dumps(handle)) < 1000
-    images, labels = _receive(handle)
+    images = _fill(ring, 0.5)
     assert images.shape == (4, 2, 2, 3) and np.all(images == 0.5)
-    assert labels.tolist() == [0, 1, 2, 3]
-    assert ring.in_use() == 1 and HELD in ring.state
+    assert ring.free_slots() == 1
     view = images[1:, ::-1]
     del images
     gc.collect()
-    assert ring.in_use() == 1, "a view still reads the slot"
+    assert ring.free_slots() == 1, "a view still reads the slot"
     del view
     gc.collect()
-    assert ring.in_use() == 0 and np.all(ring.state == FREE)
+    assert ring.free_slots() == 2
     assert ring.stats.shared == 1 and ring.stats.pickled == 0
 
 
 def test_a_full_ring_gives_no_slot_until_one_is_dropped() -> None:
     ring = SlotRing(2, 4 * 2 * 2 * 3 * 4)
-    held = [_receive(_fill(ring, v)) for v in (1.0, 2.0)]
+    held = [_fill(ring, v) for v in (1.0, 2.0)]
     assert ring.claim(wait_s=0.01) is None
-    assert [float(x[0].flat[0]) for x in held] == [1.0, 2.0]  # nothing overwritten
+    assert [float(x.flat[0]) for x in held] == [1.0, 2.0]  # nothing overwritten
     held.pop()
     gc.collect()
     assert ring.claim(wait_s=0) is not None
@@ -95,7 +93,7 @@ def test_tensorflow_aliases_generator_batches_so_slots_wait_for_its_tensors() ->
 
     def batches():  # type: ignore[no-untyped-def]
         for v in (1.0, 2.0, 3.0):
-            yield _receive(_fill(ring, v))[0]
+            yield _fill(ring, v)
 
     ds = tf.data.Dataset.from_generator(
         batches, output_signature=tf.TensorSpec((4, 2, 2, 3), tf.float32)
@@ -103,68 +101,98 @@ def test_tensorflow_aliases_generator_batches_so_slots_wait_for_its_tensors() ->
     tensors = list(ds)
     gc.collect()
     assert [float(t[0, 0, 0, 0]) for t in tensors] == [1.0, 2.0, 3.0]
-    assert ring.in_use() == 3, "TensorFlow's tensors keep their slots"
+    assert ring.free_slots() == 0, "TensorFlow's tensors keep their slots"
     for slot in range(3):  # overwrite the memory behind the tensors' backs
-        ring.array(slot, (4, 2, 2, 3), np.float32)[...] = -1.0
+        ring.handle.array(slot, (4, 2, 2, 3), np.float32)[...] = -1.0
     assert [float(t[0, 0, 0, 0]) for t in tensors] == [-1.0] * 3, "the tensors alias the slots"
     del tensors, ds
     gc.collect()
-    assert ring.in_use() == 0
+    assert ring.free_slots() == 3
 
 
-def _claim_all_and_report(ring: SlotRing, out: mp.Queue, done) -> None:  # type: ignore[no-untyped-def,type-arg]
-    got = []
-    while (slot := ring.claim(wait_s=0)) is not None:
-        got.append(slot)
-    out.put(got)
-    done.wait(30)  # a writer that exits gives its claims up: stay until all have claimed
-
-
-def test_processes_racing_for_slots_never_share_one() -> None:
-    ring = SlotRing(64, 64)
-    ctx = mp.get_context("fork")
-    out, done = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_claim_all_and_report, args=(ring, out, done)) for _ in range(3)]
-    for p in procs:
-        p.start()
-    claims = [out.get(timeout=30) for _ in procs]
-    done.set()
-    for p in procs:
-        p.join(timeout=30)
-    flat = [s for c in claims for s in c]
-    assert sorted(flat) == list(range(64))  # every slot claimed exactly once
-
-
-def _die_holding_a_slot(ring: SlotRing) -> None:
-    ring.claim(wait_s=0)
-    os._exit(1)
-
-
-def test_a_slot_claimed_by_a_dead_worker_is_recovered() -> None:
-    ring = SlotRing(1, 64)
-    p = mp.get_context("fork").Process(target=_die_holding_a_slot, args=(ring,))
-    p.start()
-    p.join(timeout=30)
-    assert ring.in_use() == 1
-    assert ring.claim(wait_s=0) == 0
-
-
-def test_a_batch_handle_unpickled_in_another_process_is_a_clear_error() -> None:
-    ring = SlotRing(1, 4 * 2 * 2 * 3 * 4)
-    data = pickle.dumps(_fill(ring, 1.0))
-    code = (
-        "import pickle, sys\n"
-        "try:\n    pickle.loads(sys.stdin.buffer.read())\n"
-        "except Exception as e:\n    print(type(e).__name__, e)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, timeout=60)
-    assert b"SharedMemoryError" in proc.stdout and b"does not own its ring" in proc.stdout
-
-
-def test_the_ring_pickles_only_into_a_starting_process() -> None:
+def test_the_ring_travels_only_into_a_starting_process() -> None:
     ring = SlotRing(1, 64)
     with pytest.raises(SharedMemoryError, match="only to worker processes"):
-        pickle.dumps(ring)
+        pickle.dumps(ring.handle)
+
+
+# -- worker processes, driven directly -----------------------------------------------------------
+
+
+def _in_process(store: Path, **kw: object) -> list[tuple[np.ndarray, np.ndarray]]:
+    seq = Sequence(store, batch_size=8, seed=2, **kw)  # type: ignore[arg-type]
+    return [tuple(a.copy() for a in seq[i]) for i in range(len(seq))]  # type: ignore[misc]
+
+
+def test_worker_batches_equal_in_process_batches_and_come_through_shared_memory(
+    store: Path,
+) -> None:
+    expect = _in_process(store, transform=_stamp)
+    seq = Sequence(store, batch_size=8, seed=2, transform=_stamp, workers=2,
+                   use_multiprocessing=True, max_queue_size=2)
+    assert seq.processes and not seq.use_multiprocessing  # Keras feeds it with threads
+    got = []
+    for i in range(len(seq)):
+        x, y = seq[i]
+        got.append((x.copy(), y.copy()))
+        del x, y
+    for (ex, ey), (gx, gy) in zip(expect, got, strict=True):
+        np.testing.assert_array_equal(gx, ex)
+        np.testing.assert_array_equal(gy, ey)
+    assert seq.transport_stats == (len(seq), 0)
+    assert len(seq.worker_pids) == 2
+    pids = seq.worker_pids
+    seq.close()
+    assert not any(alive(p) for p in pids) and seq.worker_pids == []
+    with pytest.raises(WorkerCrashedError, match="worker pool is closed"):
+        seq[0]  # what Keras's threads still ask for after an interrupted fit: no restart
+    seq.on_epoch_begin()  # a new fit starts new workers
+    again = Sequence(store, batch_size=8, seed=2, transform=_stamp, initial_epoch=1)
+    np.testing.assert_array_equal(seq[0][0], again[0][0])  # epoch 1: every batch was served
+    seq.close()
+
+
+def test_when_the_consumer_holds_every_slot_batches_come_pickled_and_right(store: Path) -> None:
+    expect = _in_process(store)
+    seq = Sequence(store, batch_size=8, seed=2, workers=1, use_multiprocessing=True,
+                   max_queue_size=1)  # 1 + 1 + 4 = 6 slots for 8 batches
+    held = [seq[i] for i in range(len(seq))]
+    for (ex, ey), (gx, gy) in zip(expect, held, strict=True):
+        np.testing.assert_array_equal(gx, ex)
+        np.testing.assert_array_equal(gy, ey)
+    assert seq.transport_stats == (6, len(seq) - 6)
+    seq.close()
+
+
+def test_a_killed_worker_fails_the_request_clearly_and_a_new_epoch_starts_new_workers(
+    store: Path,
+) -> None:
+    seq = Sequence(store, batch_size=8, workers=1, use_multiprocessing=True)
+    seq[0]
+    (pid,) = seq.worker_pids
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(WorkerCrashedError, match=rf"process {pid} was killed by SIGKILL"):
+        seq[1]
+    with pytest.raises(WorkerCrashedError, match="killed by SIGKILL"):
+        seq[2]  # the pool stays failed: fit stops on the first error
+    seq.on_epoch_begin()  # a new fit
+    assert seq[1][0].shape == (8, 8, 8, 3)
+    assert seq.worker_pids and seq.worker_pids != [pid]
+    seq.close()
+
+
+def test_an_error_in_a_worker_is_raised_with_its_type_and_traceback(store: Path) -> None:
+    seq = Sequence(store, batch_size=8, workers=1, use_multiprocessing=True,
+                   transform=_fail_on_purpose)
+    with pytest.raises(ZeroDivisionError, match="on purpose") as info:
+        seq[0]
+    assert "_fail_on_purpose" in str(info.value.__cause__)
+    assert seq.worker_pids and all(alive(p) for p in seq.worker_pids)  # a user error only
+    seq.close()
+
+
+def _fail_on_purpose(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    raise ZeroDivisionError("on purpose")
 
 
 @pytest.fixture
@@ -191,7 +219,7 @@ def test_a_too_small_shm_directory_is_a_clear_error(  # type: ignore[no-untyped-
         SlotRing(8, 1 << 20)
     seq = Sequence(store, batch_size=8192, workers=2, use_multiprocessing=True)
     with pytest.raises(SharedMemoryError, match="--shm-size"):
-        len(seq)  # Keras asks this before starting workers: the ring is made then
+        seq[0]  # the first batch makes the ring
     assert os.listdir(tiny_tmpfs) == []
     SlotRing(2, 1024)  # a ring that fits is fine
 
@@ -253,7 +281,7 @@ def _per_epoch(r: dict) -> list[list[int]]:  # type: ignore[type-arg]
 def _nothing_left(r: dict) -> None:  # type: ignore[type-arg]
     """No worker left, no file in /dev/shm, and the scenario's ring closed (its mapping may
     outlive close() only while batches Keras still holds view it)."""
-    assert r["token"] is not None
+    assert r["ring_used"], "the batches did not come through the ring"
     assert r["children"] == [], "worker processes left behind"
     assert r["shm_files"] == [], "files left in the shared-memory directory"
     if r["leases"] == 0:
@@ -345,9 +373,11 @@ def _stamp(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def test_a_transform_is_seeded_by_seed_epoch_and_batch(store: Path) -> None:
     a = Sequence(store, batch_size=8, seed=5, transform=_stamp)
     b = Sequence(store, batch_size=8, seed=5, transform=_stamp, initial_epoch=1)
-    first = [a[i][0][:, 0, 0, 2].copy() for i in range(len(a))]
+    first = [a[0][0][:, 0, 0, 2].copy()]
     assert a[0][0][:, 0, 0, 2].tolist() == first[0].tolist()  # the same batch again: same draw
+    first += [a[i][0][:, 0, 0, 2].copy() for i in range(1, len(a))]
     a.on_epoch_end()
+    assert a.epoch == 1
     second = [a[i][0][:, 0, 0, 2].copy() for i in range(len(a))]
     assert any((x != y).any() for x, y in zip(first, second, strict=True))
     resumed = [b[i][0][:, 0, 0, 2].copy() for i in range(len(b))]  # a resume at epoch 1
@@ -362,14 +392,13 @@ def test_a_transform_must_return_the_batch(store: Path) -> None:
         Sequence(store, transform="flip")  # type: ignore[arg-type]
 
 
-def test_a_transform_that_cannot_pickle_is_named_when_workers_start(store: Path) -> None:
-    from multiprocessing import context
-
+def test_a_transform_that_cannot_pickle_is_named_when_it_must_travel(store: Path) -> None:
     seq = Sequence(store, batch_size=8, transform=lambda images, rng: images)
-    pickle.dumps(seq)  # plain pickling does not need the transform
-    context.set_spawning_popen(object())  # as while multiprocessing starts a spawn worker
-    try:
-        with pytest.raises(InvalidOptionError, match=r"transform must pickle .* <lambda>"):
-            pickle.dumps(seq)
-    finally:
-        context.set_spawning_popen(None)
+    with pytest.raises(InvalidOptionError, match=r"pickle to run in another process .*<lambda>"):
+        pickle.dumps(seq)  # a Sequence without its transform would train without it
+    ctx = mp.get_context("forkserver")
+    from shardfit._batch import BatchMaker
+    from shardfit._workers import WorkerPool
+
+    with pytest.raises(InvalidOptionError, match="run in forkserver worker processes"):
+        WorkerPool(BatchMaker(seq._reader, seq.transform, 0), SlotRing(1, 64), 1, ctx)

@@ -1,0 +1,64 @@
+"""Build one batch's images: read the samples, then apply the seeded transform.
+
+The same code runs in the consumer's process (no workers, threads) and in shardfit's worker
+processes, so a batch is the same wherever it is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from shardfit._reader import ShardReader
+from shardfit.errors import TransformError
+from shardfit.transforms import Transform
+
+__all__ = ["BatchMaker", "transform_rng"]
+
+#: Stream id of the transform generators (see _epoch for the others).
+_TRANSFORM_STREAM = 0x5348_0003
+
+
+def transform_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator a transform gets for batch ``index`` of ``epoch``."""
+    return np.random.default_rng([seed, _TRANSFORM_STREAM, epoch, index])
+
+
+@dataclass(frozen=True)
+class BatchMaker:
+    """What a process needs to build batches: the reader (opened lazily in each process), the
+    transform, and the seed. Pickles small (the transform must pickle for spawned workers)."""
+
+    reader: ShardReader
+    transform: Transform | None
+    seed: int
+
+    def images(
+        self,
+        samples: npt.NDArray[np.int64],
+        epoch: int,
+        index: int,
+        out: Callable[[tuple[int, ...]], npt.NDArray[np.float32]],
+    ) -> npt.NDArray[Any]:
+        """The images of batch ``index`` of ``epoch``: ``samples`` read into ``out(shape)``,
+        then transformed (the result may be ``out``'s array or a new one)."""
+        images = out((samples.size, *self.reader.image_shape))
+        self.reader.read_into(samples, images)
+        if self.transform is None:
+            return images
+        result = self.transform(images, transform_rng(self.seed, epoch, index))
+        if (
+            not isinstance(result, np.ndarray)
+            or result.ndim < 1
+            or result.shape[0] != images.shape[0]
+        ):
+            got = getattr(result, "shape", type(result).__name__)
+            raise TransformError(
+                f"transform must return a numpy array with the batch's {images.shape[0]} "
+                f"images first. Received: {got} from {self.transform!r}"
+            )
+        return result
