@@ -133,7 +133,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
     process that reads.
 
     With worker processes, the first batch asked for starts them and reserves
-    ``max_queue_size + workers + 4`` batch-sized slots of shared memory in ``/dev/shm`` (or
+    ``max_queue_size + workers + 2`` batch-sized slots of shared memory in ``/dev/shm`` (or
     ``$SHARDFIT_SHM_DIR``); both are held until :meth:`close`, or until the Sequence is
     garbage. A worker that dies (killed, out of memory) makes the batch request fail with
     :class:`~shardfit.errors.WorkerCrashedError`, so ``fit`` stops instead of hanging; the next
@@ -327,7 +327,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
                 if self._ring is None:
                     per_image = int(np.prod(self._reader.image_shape)) * 4  # float32 out
                     self._ring = SlotRing(
-                        self.max_queue_size + self.workers + 4,
+                        self.max_queue_size + self.workers + 2,
                         self.options.batch_size * per_image,
                     )
                 self._procs = WorkerPool(self._maker, self._ring, self.workers)
