@@ -6,7 +6,7 @@ Run: ``python benchmarks/bench_memory.py`` (a few minutes; writes ~4 GB under --
 
 For each dataset a fresh process builds a small model, then trains it for 3 epochs on
 ``Sequence(batch_size=32, workers=2, use_multiprocessing=True, max_queue_size=10)``. This
-script samples the process tree (the training process and Keras's worker processes) at 4 Hz.
+script samples the process tree (the training process and shardfit's worker processes) at 4 Hz.
 The loader's own memory is the peak, during fit, of the tree's Pss_Anon + Pss_Shmem minus the
 same sum just before fit (TensorFlow, the model and the dataset object are there already);
 page cache of the mapped shards (Pss_File) is reported apart. The bound to meet is
@@ -96,28 +96,40 @@ def measure(store: Path) -> dict:
     baseline = min(m.own for m in base)
     proc.stdin.write("go\n")
     proc.stdin.flush()
-    epochs: list[dict] = [{"peak_own": 0, "peak_file": 0, "peak_rss": 0, "max_procs": 0}]
+    def fresh() -> dict:  # type: ignore[type-arg]
+        return {"peak_own": 0, "peak_file": 0, "peak_rss": 0, "max_procs": 0, "samples": 0}
+
+    # by the epoch the child said it is in: a short epoch may get no sample at all, and must
+    # not shift the others
+    epochs: dict[int, dict] = {0: fresh()}  # type: ignore[type-arg]
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     seen = 0
+    current = 0
     t0 = time.perf_counter()
-    while proc.poll() is None:
+    while proc.poll() is None and current < 3:
         m = tree_memory(proc.pid)
-        e = epochs[-1]
+        e = epochs[current]
         e["peak_own"] = max(e["peak_own"], m.own)
         e["peak_file"] = max(e["peak_file"], m.file)
         e["peak_rss"] = max(e["peak_rss"], m.rss)
         e["max_procs"] = max(e["max_procs"], m.processes)
+        e["samples"] += 1
         while seen < len(lines):
             if lines[seen].startswith("EPOCH_END"):
-                epochs.append({"peak_own": 0, "peak_file": 0, "peak_rss": 0, "max_procs": 0})
+                current = int(lines[seen].split()[1]) + 1
+                epochs[current] = fresh()
             seen += 1
         time.sleep(0.25)
+    proc.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"training process failed ({proc.returncode})")
-    epochs = [e for e in epochs if e["max_procs"]][:3]
-    return {"baseline_own": baseline, "epochs": epochs, "seconds": time.perf_counter() - t0}
+    return {
+        "baseline_own": baseline,
+        "epochs": [epochs.get(k, fresh()) for k in range(3)],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in rows:
         for i, e in enumerate(r["epochs"]):
+            if not e["samples"]:
+                lines.append(
+                    f"| {r['gb']:.1f} GB ({r['images']} images) | {i} | no sample: the epoch "
+                    "was shorter than one sampling period | | | | |"
+                )
+                continue
             own = e["peak_own"] - r["baseline_own"]
             lines.append(
                 f"| {r['gb']:.1f} GB ({r['images']} images) | {i} | {own / 1e6:.0f} MB | "

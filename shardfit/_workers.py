@@ -29,7 +29,7 @@ import signal
 import threading
 import traceback
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -114,20 +114,33 @@ class WorkerPool:
         """Whether a worker died (every request fails since)."""
         return self._broken is not None
 
-    def images(self, samples: npt.NDArray[np.int64], epoch: int, index: int) -> npt.NDArray[Any]:
+    def images(
+        self,
+        samples: npt.NDArray[np.int64],
+        epoch: int,
+        index: int,
+        ahead: npt.NDArray[np.int64] | None = None,
+    ) -> npt.NDArray[Any]:
         """Batch ``index`` of ``epoch`` (the images of ``samples``), built by a worker: an array
-        viewing a ring slot, or a plain array when no slot came free in time.
+        viewing a ring slot, or a plain array when no slot came free in time. ``ahead``: as
+        :meth:`BatchMaker.images`.
 
         Raises:
             WorkerCrashedError: a worker died (this one's or an earlier request's).
             Whatever the transform or the reader raised in the worker.
         """
-        if self._broken is not None:
-            raise self._broken
-        w = self._idle.get()
+        while True:
+            if self._broken is not None:
+                raise self._broken
+            try:
+                # with a timeout: when the pool fails, the workers in use never come back
+                w = self._idle.get(timeout=_PARENT_CHECK_S)
+                break
+            except queue.Empty:
+                continue
         slot = self.ring.claim(_SLOT_WAIT_S)
         try:
-            w.conn.send((-1 if slot is None else slot, samples, epoch, index))
+            w.conn.send((-1 if slot is None else slot, samples, epoch, index, ahead))
             answer = w.conn.recv_bytes()
         except (EOFError, OSError):
             if slot is not None:
@@ -222,6 +235,9 @@ def _serve(
     """A worker's life: build each batch asked for, until told to stop or the consumer is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the consumer to handle
     if forked:
+        # A lock another thread of the consumer held at the fork stays held here forever: take
+        # a reader of our own (a reader pickles to its path and a few numbers).
+        maker = replace(maker, reader=pickle.loads(pickle.dumps(maker.reader)))
         # The garbage collector would walk (and so copy, page by page) the whole heap inherited
         # from the consumer, TensorFlow included: keep it to the worker's own objects.
         gc.freeze()
@@ -246,13 +262,18 @@ def _serve(
 
 
 def _build(
-    maker: BatchMaker, ring: RingHandle, slot: int, samples: npt.NDArray[np.int64], epoch: int,
+    maker: BatchMaker,
+    ring: RingHandle,
+    slot: int,
+    samples: npt.NDArray[np.int64],
+    epoch: int,
     index: int,
+    ahead: npt.NDArray[np.int64] | None,
 ) -> tuple[Any, ...]:
     if slot < 0:
-        return ("array", maker.images(samples, epoch, index, _fresh))
+        return ("array", maker.images(samples, epoch, index, _fresh, ahead))
     images = maker.images(
-        samples, epoch, index, lambda shape: ring.array(slot, shape, np.float32)
+        samples, epoch, index, lambda shape: ring.array(slot, shape, np.float32), ahead
     )
     if not ring.fits(images.nbytes):
         return ("array", images)  # a transform made it larger than a slot

@@ -238,12 +238,14 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         index = int(index)
         epoch = self._epoch_serving(index)
         bs = self.options.batch_size
-        samples = self._order(epoch)[index * bs : (index + 1) * bs]
+        order = self._order(epoch)
+        samples = order[index * bs : (index + 1) * bs]
+        ahead = order[(index + 1) * bs : (index + 2) * bs]  # the plan's next batch
         workers = self._worker_pool()
         if workers is not None:
-            images = workers.images(samples, epoch, index)
+            images = workers.images(samples, epoch, index, ahead)
         else:
-            images = self._maker.images(samples, epoch, index, self._buffer)
+            images = self._maker.images(samples, epoch, index, self._buffer, ahead)
         return (images, *self._labels(samples))
 
     def close(self) -> None:

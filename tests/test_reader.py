@@ -111,6 +111,19 @@ def test_out_of_range_indices_raise(stores, io: str) -> None:
             reader.read_into(np.array([0, bad]), out)
 
 
+@pytest.mark.parametrize("io", MODES)
+def test_a_read_ahead_hint_changes_nothing_read_and_checks_its_indices(stores, io: str) -> None:
+    reader = ShardReader(stores[("float32", "none")], io=io)  # type: ignore[arg-type]
+    images = stored(stores[("float32", "none")])
+    reader.will_need(np.arange(reader.count)[::-1])
+    out = np.empty((3, *reader.image_shape), np.float32)
+    reader.read_into(np.array([2, 0, 5]), out)
+    np.testing.assert_array_equal(out, images[[2, 0, 5]])
+    if io == "pread":  # mapped shards take no hint, so they check nothing either
+        with pytest.raises(IndexError, match=f"sample {reader.count} out of range"):
+            reader.will_need(np.array([reader.count]))
+
+
 def test_a_bad_io_option_is_refused(stores) -> None:
     path = stores[("float32", "none")]
     with pytest.raises(

@@ -181,6 +181,22 @@ def test_a_killed_worker_fails_the_request_clearly_and_a_new_epoch_starts_new_wo
     seq.close()
 
 
+def test_a_lock_held_in_the_consumer_while_workers_fork_does_not_hang_them(store: Path) -> None:
+    if mp.get_start_method() != "fork":
+        pytest.skip("only forked workers inherit the consumer's locks")
+    expect = _in_process(store)
+    seq = Sequence(store, batch_size=8, seed=2, workers=1, use_multiprocessing=True)
+    with seq._reader._lock:  # another thread of the consumer opens a shard right now
+        seq._worker_pool()  # ... while the worker forks
+    got: list[np.ndarray] = []
+    t = threading.Thread(target=lambda: got.append(seq[0][0].copy()), daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert got, "the worker hung on a lock inherited from the consumer"
+    np.testing.assert_array_equal(got[0], expect[0][0])
+    seq.close()
+
+
 def test_an_error_in_a_worker_is_raised_with_its_type_and_traceback(store: Path) -> None:
     seq = Sequence(store, batch_size=8, workers=1, use_multiprocessing=True,
                    transform=_fail_on_purpose)
