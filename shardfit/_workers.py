@@ -24,12 +24,12 @@ import logging
 import multiprocessing
 import os
 import pickle
-import queue
 import signal
 import threading
 import traceback
 import weakref
-from dataclasses import dataclass, replace
+from collections import deque
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -57,6 +57,9 @@ _EXIT_WAIT_S = 2.0
 class _Worker:
     proc: BaseProcess
     conn: Connection
+    #: requests sent and not yet answered, in the order sent (the worker answers in that order)
+    waiting: deque[object] = field(default_factory=deque)
+    turn: threading.Condition = field(default_factory=threading.Condition)
 
 
 class WorkerPool:
@@ -81,7 +84,6 @@ class WorkerPool:
         if method != "fork" and maker.transform is not None:
             check_picklable(maker.transform, f"{method} worker processes")
         self.ring = ring
-        self._idle: queue.Queue[_Worker] = queue.Queue()
         self._all: list[_Worker] = []
         self._broken: BaseException | None = None
         self._lock = threading.Lock()
@@ -98,7 +100,6 @@ class WorkerPool:
                 child_conn.close()  # the worker's end: a dead worker then reads as EOF here
                 w = _Worker(proc, parent_conn)
                 self._all.append(w)
-                self._idle.put(w)
         except BaseException:
             _shutdown(self._all)
             raise
@@ -129,30 +130,27 @@ class WorkerPool:
             WorkerCrashedError: a worker died (this one's or an earlier request's).
             Whatever the transform or the reader raised in the worker.
         """
-        while True:
-            if self._broken is not None:
-                raise self._broken
-            try:
-                # with a timeout: when the pool fails, the workers in use never come back
-                w = self._idle.get(timeout=_PARENT_CHECK_S)
-                break
-            except queue.Empty:
-                continue
+        if self._broken is not None:
+            raise self._broken
+        # The least busy worker; it may be busy: the request waits in its pipe, so that the
+        # worker starts on it the moment it has answered the one before (the round trip of
+        # an answer would otherwise leave it idle every batch).
+        w = min(self._all, key=lambda w: len(w.waiting))
         slot = self.ring.claim(_SLOT_WAIT_S)
+        ticket = object()
         try:
-            w.conn.send((-1 if slot is None else slot, samples, epoch, index, ahead))
-            answer = w.conn.recv_bytes()
+            answer = self._ask(w, ticket, (-1 if slot is None else slot, samples, epoch, index,
+                                           ahead))
         except (EOFError, OSError):
             if slot is not None:
                 self.ring.give_back(slot)
             raise self._crashed(w) from None
-        except BaseException:
-            # interrupted while the worker works: its answer would reach the next request
+        except BaseException as err:
             if slot is not None:
                 self.ring.give_back(slot)
-            self._fail(w, WorkerCrashedError("shardfit's worker pool was interrupted"))
+            if not isinstance(err, WorkerCrashedError):  # interrupted: end the pool
+                self._fail(w, WorkerCrashedError("shardfit's worker pool was interrupted"))
             raise
-        self._idle.put(w)
         try:
             reply = pickle.loads(answer)
         except Exception as unreadable:  # an error type the worker knows, this process not
@@ -169,6 +167,51 @@ class WorkerPool:
             out: npt.NDArray[Any] = reply[1]
             return out
         raise reply[1] from _RemoteTraceback(reply[2])
+
+    def _ask(self, w: _Worker, ticket: object, task: tuple[Any, ...]) -> bytes:
+        """Send ``task`` to ``w`` and wait for its answer, which comes after the answers to
+        the requests sent to ``w`` before it."""
+        with w.turn:
+            if self._broken is not None:
+                raise self._broken
+            w.conn.send(task)
+            w.waiting.append(ticket)
+            try:
+                while w.waiting[0] is not ticket:
+                    if self._broken is not None:
+                        raise self._broken
+                    w.turn.wait(_PARENT_CHECK_S)
+            except BaseException:
+                self._break(WorkerCrashedError("shardfit's worker pool was interrupted"))
+                w.waiting.remove(ticket)
+                w.turn.notify_all()
+                raise
+        try:
+            answer = w.conn.recv_bytes()  # only the first in line reads
+        except (EOFError, OSError):  # the worker died: no answer will come after this
+            self._next_in_line(w)
+            raise
+        except BaseException:
+            # an answer left unread would be taken for the next request's: from now on every
+            # answer is refused
+            self._break(WorkerCrashedError("shardfit's worker pool was interrupted"))
+            self._next_in_line(w)
+            raise
+        self._next_in_line(w)
+        if self._broken is not None:
+            raise self._broken
+        return answer
+
+    @staticmethod
+    def _next_in_line(w: _Worker) -> None:
+        with w.turn:
+            w.waiting.popleft()
+            w.turn.notify_all()
+
+    def _break(self, err: BaseException) -> None:
+        with self._lock:
+            if self._broken is None:
+                self._broken = err
 
     def close(self) -> None:
         """End the workers (each finishes the batch it builds first, for a moment)."""

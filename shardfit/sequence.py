@@ -9,8 +9,8 @@ Where batches are built:
   buffers (``_buffers``);
 - ``use_multiprocessing=True``: in shardfit's own worker processes (``_workers``), started
   once and kept across epochs, which write each batch into a slot of a shared-memory ring
-  (``_shm``); Keras is told to use ``workers`` threads, each of which hands its requests to the
-  processes and gets back an array viewing the slot. Keras's own process pool (which pickles
+  (``_shm``); Keras is told to use ``2 * workers`` threads, each of which hands its requests to
+  the processes and gets back an array viewing the slot. Keras's own process pool (which pickles
   every batch) is used only with ``shared_memory=False``.
 
 Epoch bookkeeping, designed around what Keras 3.15 does (DESIGN.md, pinned by tests under
@@ -126,8 +126,9 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
             ``(seed, epoch, batch index)``: see :mod:`shardfit.transforms`.
         workers, use_multiprocessing, max_queue_size: Keras's own ``PyDataset`` arguments.
             With ``use_multiprocessing=True`` (and ``shared_memory=True``), ``workers`` is the
-            number of shardfit worker processes, and Keras sees a dataset fed by ``workers``
-            threads (``seq.use_multiprocessing`` reads ``False``; ``seq.processes`` ``True``).
+            number of shardfit worker processes, and Keras sees a dataset fed by twice as many
+            threads (``seq.workers`` reads ``2 * workers``, ``seq.use_multiprocessing``
+            ``False``, ``seq.processes`` ``True``).
 
     The object pickles to a few KB whatever the dataset's size; files are opened lazily in each
     process that reads.
@@ -180,11 +181,14 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
             )
         own = bool(use_multiprocessing) and shared_memory and workers > 0
         super().__init__(
-            workers=workers,
+            # two of Keras's threads per process: each process has its next request waiting
+            # while it answers the one before
+            workers=2 * workers if own else workers,
             use_multiprocessing=bool(use_multiprocessing) and not own,
             max_queue_size=max_queue_size,
         )
         self._own_processes = own
+        self._processes = workers if own else 0
         self.transform = transform
         self._reader = ShardReader(path, split)
         self._maker = BatchMaker(self._reader, transform, seed)
@@ -328,11 +332,13 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
             if self._procs is None:
                 if self._ring is None:
                     per_image = int(np.prod(self._reader.image_shape)) * 4  # float32 out
+                    # Keras holds at most max_queue_size + 1 batches (its queue, and one more
+                    # submitted while it waits for room), the model one or two
                     self._ring = SlotRing(
-                        self.max_queue_size + self.workers + 2,
+                        self.max_queue_size + self._processes + 2,
                         self.options.batch_size * per_image,
                     )
-                self._procs = WorkerPool(self._maker, self._ring, self.workers)
+                self._procs = WorkerPool(self._maker, self._ring, self._processes)
             return self._procs
 
     def _labels(self, samples: npt.NDArray[np.int64]) -> tuple[Any, ...]:
