@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import mmap
 import os
 import queue
@@ -40,7 +39,6 @@ from shardfit.errors import SharedMemoryError
 
 __all__ = ["RingHandle", "SlotRing", "shm_directory"]
 
-log = logging.getLogger("shardfit")
 
 _PAGE = mmap.PAGESIZE
 # Map every page up front: a first touch of a page costs a fault, which on these VMs is slow.
