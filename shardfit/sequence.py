@@ -187,8 +187,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
             use_multiprocessing=bool(use_multiprocessing) and not own,
             max_queue_size=max_queue_size,
         )
-        self._own_processes = own
-        self._processes = workers if own else 0
+        self._processes = workers if own else 0  # shardfit's own worker processes
         self.transform = transform
         self._reader = ShardReader(path, split)
         self._maker = BatchMaker(self._reader, transform, seed)
@@ -224,7 +223,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
     @property
     def processes(self) -> bool:
         """Whether batches are built in shardfit's own worker processes."""
-        return self._own_processes
+        return self._processes > 0
 
     @property
     def worker_pids(self) -> list[int]:
@@ -323,7 +322,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
     def _worker_pool(self) -> WorkerPool | None:
         """shardfit's worker processes, started on first use; ``None`` when batches are built
         in this process."""
-        if not self._own_processes or os.getpid() != self._pid:
+        if not self._processes or os.getpid() != self._pid:
             return None
         workers = self._procs
         if workers is not None:
