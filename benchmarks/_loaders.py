@@ -32,14 +32,14 @@ class Ctx:
 
 
 def _reader(ctx: Ctx, name: str = "float32"):  # type: ignore[no-untyped-def]
-    from shardfit._reader import ShardReader
+    from shardfit.read._reader import ShardReader
 
     return ShardReader(ctx.stores[name], "train")
 
 
 def _plan(ctx: Ctx, epoch: int) -> list[np.ndarray]:
     """Batches of epoch ``epoch`` as shardfit.Sequence(seed=0) cuts them (without Keras)."""
-    from shardfit._epoch import epoch_order
+    from shardfit.read._epoch import epoch_order
 
     r = _reader(ctx)
     order = epoch_order(r.count, r.shard_size, seed=0, epoch=epoch, shuffle=True, window=4)
@@ -48,8 +48,8 @@ def _plan(ctx: Ctx, epoch: int) -> list[np.ndarray]:
 
 def shard_files(store: Path) -> list[Path]:
     """Every shard file of the train split, in shard order."""
-    from shardfit._format import shard_path
-    from shardfit._reader import ShardReader
+    from shardfit.store._format import shard_path
+    from shardfit.read._reader import ShardReader
 
     r = ShardReader(store, "train")
     return [Path(shard_path(str(store), "train", k)) for k in range(r.num_shards)]
@@ -77,7 +77,7 @@ def ceiling_ram(ctx: Ctx) -> EpochFn:
 
 def ceiling_memmap(ctx: Ctx) -> EpochFn:
     """np.memmap of every shard file, each sample copied into one reused buffer."""
-    from shardfit._shardio import read_shard_index
+    from shardfit.store._shardio import read_shard_index
 
     r = _reader(ctx)
     maps = []

@@ -125,7 +125,7 @@ def run_bare(src: Path, size: int, tuned: bool) -> dict:
     keeps freed memory; float32 output into one reused buffer), to tell decoding costs from
     allocation costs, which are high on VMs where a page's first touch is a hypervisor fault."""
     if tuned:
-        from shardfit._pool import _keep_freed_memory
+        from shardfit.pack._pool import _keep_freed_memory
 
         _keep_freed_memory()
     files = sorted(p for p in src.rglob("*.jpg"))
@@ -139,7 +139,7 @@ def run_write(n: int, size: int, scratch: Path) -> dict:
     (O_DIRECT where the filesystem allows it), no decoding. The output ceiling of the packer."""
     import numpy as np
 
-    from shardfit._shardio import ShardFileWriter
+    from shardfit.store._shardio import ShardFileWriter
 
     chunk = memoryview(np.random.default_rng(0).random(size * size * 3, dtype=np.float32)).cast("B")
     per_shard = max(1, round(128 * 2**20 / len(chunk)))

@@ -77,9 +77,9 @@ def _touch(batch: tuple) -> float:
 def run_variant(variant: str, path: Path, batch: int) -> dict:
     import numpy as np
 
-    from shardfit._format import shard_path
-    from shardfit._reader import ShardReader
-    from shardfit._shardio import read_shard_index
+    from shardfit.store._format import shard_path
+    from shardfit.read._reader import ShardReader
+    from shardfit.store._shardio import read_shard_index
 
     reader = ShardReader(path, "train")
     h, w, c = reader.image_shape

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
-
-from shardfit._format import DatasetInfo, SplitInfo, read_info
+from shardfit._version import __version__
 from shardfit.errors import (
     DatasetFormatError,
     ImageDecodeError,
@@ -23,11 +21,13 @@ from shardfit.errors import (
     TransformError,
     WorkerCrashedError,
 )
-from shardfit.options import PackOptions
-from shardfit.pack import PackReport, pack_images
+from shardfit.pack._pack import PackReport, pack_images
+from shardfit.pack.options import PackOptions
+from shardfit.read.options import SequenceOptions
+from shardfit.store._format import DatasetInfo, SplitInfo, read_info
 
 if TYPE_CHECKING:  # imported lazily at run time: Sequence needs Keras
-    from shardfit.sequence import Sequence, SequenceOptions
+    from shardfit.keras._sequence import Sequence
 
 __all__ = [
     "DatasetFormatError",
@@ -56,8 +56,8 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # Sequence needs Keras (and so TensorFlow): load it on first use only, so that packing
     # and reading never import them.
-    if name in ("Sequence", "SequenceOptions"):
-        from shardfit import sequence
+    if name == "Sequence":
+        from shardfit.keras._sequence import Sequence
 
-        return getattr(sequence, name)
+        return Sequence
     raise AttributeError(f"module 'shardfit' has no attribute {name!r}")

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from shardfit.errors import ShardfitError
-from shardfit.options import COMPRESSIONS, DTYPES, INTERPOLATIONS, RESIZE_MODES, PackOptions
-from shardfit.pack import PackReport, pack_images
+from shardfit.pack._pack import PackReport, pack_images
+from shardfit.pack.options import COMPRESSIONS, DTYPES, INTERPOLATIONS, RESIZE_MODES, PackOptions
 
 __all__ = ["main", "pack_main"]
 

@@ -80,7 +80,7 @@ def leftovers(ring_file: str | None, ring_map: int | None) -> dict[str, object]:
             continue
         if ring_file is not None and target == ring_file:
             fds.append(target)
-    from shardfit._shm import _Lease
+    from shardfit.read._shm import _Lease
 
     leases = sum(isinstance(o, _Lease) and id(_root(o._buf)) == ring_map for o in gc.get_objects())
     return {"children": live_children(), "shm_files": files, "ring_fds": fds, "leases": leases}
@@ -146,10 +146,12 @@ def main() -> None:
         ]
         batches = model.seen
         stats = seq.transport_stats
-        ring_used = seq._ring is not None
+        ring = seq._procs.ring if seq._procs is not None else None
+        ring_used = ring is not None
         # this scenario's ring: its file (the mapping keeps a descriptor of its own) and map
-        ring_file = os.readlink(f"/proc/self/fd/{seq._ring.handle.fd}") if ring_used else None
-        ring_map = id(seq._ring.handle._mm) if ring_used else None
+        ring_file = os.readlink(f"/proc/self/fd/{ring.handle.fd}") if ring is not None else None
+        ring_map = id(ring.handle._mm) if ring is not None else None
+        del ring
         seq.close()  # Keras keeps the dataset referenced after fit: give the ring back now
         del seq, model
         result = {

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shardfit._buffers import BufferPool
+from shardfit.read._buffers import BufferPool
 
 
 def test_a_buffer_is_reused_once_nothing_references_it() -> None:

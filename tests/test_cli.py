@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, make_folder, tree_bytes
 
 from shardfit import DatasetFormatError, IncompleteDatasetError, read_info
-from shardfit._format import STATE_DIR
+from shardfit.store._format import STATE_DIR
 
 TOOL = str(REPO / "tools" / "pack_images.py")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shardfit._decode import DecodeSpec, crop_box, decode_image, pad_geometry
+from shardfit.pack._decode import DecodeSpec, crop_box, decode_image, pad_geometry
 
 
 def spec(h: int, w: int, **kw: object) -> DecodeSpec:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shardfit._epoch import batch_count, epoch_order
+from shardfit.read._epoch import batch_count, epoch_order
 
 
 def test_every_sample_once_per_epoch_and_a_new_order_each_epoch() -> None:

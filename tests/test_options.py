@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from shardfit import InvalidOptionError, PackOptions
-from shardfit.options import TARGET_SHARD_BYTES
+from shardfit.pack.options import TARGET_SHARD_BYTES
 
 
 @pytest.mark.parametrize(

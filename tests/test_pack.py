@@ -24,8 +24,8 @@ from shardfit import (
     pack_images,
     read_info,
 )
-from shardfit._format import shard_path
-from shardfit._shardio import read_shard_index
+from shardfit.store._format import shard_path
+from shardfit.store._shardio import read_shard_index
 
 
 def stored(out: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

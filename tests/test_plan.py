@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shardfit._plan import global_order, stratified_split
+from shardfit.pack._plan import global_order, stratified_split
 
 
 def test_global_order_is_a_seeded_permutation() -> None:

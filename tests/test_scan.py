@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from shardfit import SourceFolderError
-from shardfit._scan import image_extensions, scan_folder
+from shardfit.pack._scan import image_extensions, scan_folder
 
 
 def _img(path: Path) -> None:

@@ -15,7 +15,7 @@ import zarr
 from conftest import decode_index, make_folder
 
 from shardfit import DatasetFormatError, InvalidOptionError, pack_images
-from shardfit._format import shard_path
+from shardfit.store._format import shard_path
 
 keras = pytest.importorskip("keras")
 from shardfit import Sequence  # noqa: E402

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shardfit import _shardio
-from shardfit._shardio import MISSING, ShardFileWriter, read_shard_index
+from shardfit.store import _shardio
+from shardfit.store._shardio import MISSING, ShardFileWriter, read_shard_index
 
 
 def _chunks() -> list[bytes]:
@@ -77,7 +77,7 @@ def test_too_many_chunks_is_an_error(tmp_path: Path) -> None:
 
 
 def test_a_shard_missing_an_image_is_refused_by_name(tmp_path: Path) -> None:
-    from shardfit._shardio import read_full_shard_index
+    from shardfit.store._shardio import read_full_shard_index
     from shardfit.errors import DatasetFormatError
 
     writer = ShardFileWriter(str(tmp_path / "s" / "0"), 4)

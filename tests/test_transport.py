@@ -26,8 +26,8 @@ from shardfit import (
     WorkerCrashedError,
     pack_images,
 )
-from shardfit._shm import SlotRing
-from shardfit._workers import alive
+from shardfit.read._shm import SlotRing
+from shardfit.read._workers import alive
 
 keras = pytest.importorskip("keras")
 
@@ -130,7 +130,8 @@ def test_worker_batches_equal_in_process_batches_and_come_through_shared_memory(
     expect = _in_process(store, transform=_stamp)
     seq = Sequence(store, batch_size=8, seed=2, transform=_stamp, workers=2,
                    use_multiprocessing=True, max_queue_size=2)
-    assert seq.processes and not seq.use_multiprocessing  # Keras feeds it with threads
+    assert seq.mode == "processes" and not seq.use_multiprocessing  # Keras feeds it threads
+    assert seq.options.workers == 2 and seq.workers == 4
     got = []
     for i in range(len(seq)):
         x, y = seq[i]
@@ -413,8 +414,8 @@ def test_a_transform_that_cannot_pickle_is_named_when_it_must_travel(store: Path
     with pytest.raises(InvalidOptionError, match=r"pickle to run in another process .*<lambda>"):
         pickle.dumps(seq)  # a Sequence without its transform would train without it
     ctx = mp.get_context("forkserver")
-    from shardfit._batch import BatchMaker
-    from shardfit._workers import WorkerPool
+    from shardfit.read._batch import BatchMaker
+    from shardfit.read._workers import WorkerPool
 
     with pytest.raises(InvalidOptionError, match="run in forkserver worker processes"):
-        WorkerPool(BatchMaker(seq._reader, seq.transform, 0), SlotRing(1, 64), 1, ctx)
+        WorkerPool(BatchMaker(seq._reader, seq.transform, 0), 1, slots=1, slot_bytes=64, ctx=ctx)

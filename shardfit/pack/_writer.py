@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from shardfit._format import ATTRS_KEY, STATE_DIR, shard_path
-from shardfit._shardio import ShardFileWriter, read_full_shard_index, zarr_compressors
+from shardfit.store._format import ATTRS_KEY, STATE_DIR, shard_path
+from shardfit.store._shardio import ShardFileWriter, read_full_shard_index, zarr_compressors
 
 __all__ = ["ShardRecord", "SplitWriter", "load_records", "write_arrays", "write_json_atomic"]
 

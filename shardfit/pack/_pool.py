@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from shardfit._decode import DecodeSpec, decode_image, describe_error
-from shardfit._shardio import ChunkEncoder
+from shardfit.pack._decode import DecodeSpec, decode_image, describe_error
+from shardfit.store._shardio import ChunkEncoder
 
 __all__ = ["DecodePool", "DecodeResult"]
 

@@ -34,9 +34,9 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from shardfit._format import read_info, shard_path
-from shardfit._shardio import ChunkEncoder, read_full_shard_index
 from shardfit.errors import DatasetFormatError, InvalidOptionError
+from shardfit.store._format import read_info, shard_path
+from shardfit.store._shardio import ChunkEncoder, read_full_shard_index
 
 __all__ = ["ShardReader"]
 

@@ -17,15 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from shardfit import __version__
-from shardfit._decode import DecodeSpec
-from shardfit._format import ATTRS_KEY, FORMAT_VERSION, PARTIAL_SUFFIX, STATE_DIR, read_info
-from shardfit._plan import global_order, stratified_split
-from shardfit._pool import DecodePool
-from shardfit._scan import ScanResult, scan_folder
-from shardfit._writer import SplitWriter, load_records, write_arrays, write_json_atomic
+from shardfit._options import merge_options
+from shardfit._version import __version__
 from shardfit.errors import ImageDecodeError, OutputExistsError, ResumeMismatchError
-from shardfit.options import PackOptions
+from shardfit.pack._decode import DecodeSpec
+from shardfit.pack._plan import global_order, stratified_split
+from shardfit.pack._pool import DecodePool
+from shardfit.pack._scan import ScanResult, scan_folder
+from shardfit.pack._writer import SplitWriter, load_records, write_arrays, write_json_atomic
+from shardfit.pack.options import PackOptions
+from shardfit.store._format import ATTRS_KEY, FORMAT_VERSION, PARTIAL_SUFFIX, STATE_DIR, read_info
 
 __all__ = ["PackReport", "pack_images"]
 
@@ -205,10 +206,7 @@ def pack_images(
         ImageDecodeError: with ``on_error="raise"``, the first file that fails to decode (in
             storage order). Work so far is kept for ``resume``.
     """
-    if options is None:
-        options = PackOptions(**option_kwargs)
-    elif option_kwargs:
-        options = PackOptions(**{**options.__dict__, **option_kwargs})
+    options = merge_options(PackOptions, options, option_kwargs)
     started = time.perf_counter()
     out_s = os.path.abspath(os.fspath(out))
     partial = out_s + PARTIAL_SUFFIX

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from shardfit._batch import BatchMaker
-from shardfit._shm import RingHandle, SlotRing
-from shardfit.errors import InvalidOptionError, WorkerCrashedError
+from shardfit.errors import WorkerCrashedError
+from shardfit.read._batch import BatchMaker
+from shardfit.read._shm import RingHandle, SlotRing
 
 __all__ = ["WorkerPool", "alive"]
 
@@ -63,27 +63,32 @@ class _Worker:
 
 
 class WorkerPool:
-    """``workers`` processes that build batches with ``maker`` into ``ring``.
+    """``workers`` processes that build batches with ``maker`` into a ring of ``slots``
+    shared-memory slots of ``slot_bytes`` each, which the pool owns.
 
     Start it in the process that consumes the batches. Under spawn and forkserver, ``maker``
     (and so the transform) must pickle.
 
     Raises:
         InvalidOptionError: the transform does not pickle and the start method needs it to.
+        SharedMemoryError: the ring cannot be made (see :class:`SlotRing`).
     """
 
     def __init__(
         self,
         maker: BatchMaker,
-        ring: SlotRing,
         workers: int,
+        *,
+        slots: int,
+        slot_bytes: int,
         ctx: multiprocessing.context.BaseContext | None = None,
     ) -> None:
         ctx = ctx or multiprocessing.get_context()
         method = ctx.get_start_method()
-        if method != "fork" and maker.transform is not None:
-            check_picklable(maker.transform, f"{method} worker processes")
-        self.ring = ring
+        if method != "fork":
+            maker.check_picklable(f"{method} worker processes")
+        #: the batches' shared memory: this pool's own, given back by :meth:`close`
+        self.ring = SlotRing(slots, slot_bytes)
         self._all: list[_Worker] = []
         self._broken: BaseException | None = None
         self._lock = threading.Lock()
@@ -92,7 +97,7 @@ class WorkerPool:
                 parent_conn, child_conn = ctx.Pipe(duplex=True)
                 proc = ctx.Process(  # type: ignore[attr-defined]
                     target=_serve,
-                    args=(child_conn, maker, ring.handle, os.getpid(), method == "fork"),
+                    args=(child_conn, maker, self.ring.handle, os.getpid(), method == "fork"),
                     name="shardfit-worker",
                     daemon=True,
                 )
@@ -102,6 +107,7 @@ class WorkerPool:
                 self._all.append(w)
         except BaseException:
             _shutdown(self._all)
+            self.ring.close()
             raise
         self._finalizer = weakref.finalize(self, _shutdown, self._all)
 
@@ -214,11 +220,13 @@ class WorkerPool:
                 self._broken = err
 
     def close(self) -> None:
-        """End the workers (each finishes the batch it builds first, for a moment)."""
+        """End the workers (each finishes the batch it builds first, for a moment) and give
+        back the ring (its memory stays mapped while batches still view it)."""
         with self._lock:
             if self._broken is None:
                 self._broken = WorkerCrashedError("shardfit's worker pool is closed")
         self._finalizer()
+        self.ring.close()
 
     # -- a worker died ----------------------------------------------------------------------
 
@@ -256,17 +264,6 @@ def _shutdown(workers: list[_Worker]) -> None:
             w.proc.join(timeout=_EXIT_WAIT_S)
     for w in workers:
         w.conn.close()
-
-
-def check_picklable(transform: Any, where: str) -> None:
-    """Raise a clear error if ``transform`` cannot travel to ``where`` (a phrase)."""
-    try:
-        pickle.dumps(transform)
-    except Exception as err:
-        raise InvalidOptionError(
-            f"transform must pickle to run in {where} (define it at module level, or use "
-            f"shardfit.transforms). Received: {transform!r} ({err})"
-        ) from None
 
 
 # -- the worker process -------------------------------------------------------------------------

@@ -6,6 +6,7 @@ processes, so a batch is the same wherever it is made.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,8 +14,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from shardfit._reader import ShardReader
-from shardfit.errors import TransformError
+from shardfit.errors import InvalidOptionError, TransformError
+from shardfit.read._reader import ShardReader
 from shardfit.transforms import Transform
 
 __all__ = ["BatchMaker", "transform_rng"]
@@ -36,6 +37,19 @@ class BatchMaker:
     reader: ShardReader
     transform: Transform | None
     seed: int
+
+    def check_picklable(self, where: str) -> None:
+        """Raise a clear error if the transform cannot travel to ``where`` (a phrase): a maker
+        that arrived without it would silently build batches without augmentation."""
+        if self.transform is None:
+            return
+        try:
+            pickle.dumps(self.transform)
+        except Exception as err:
+            raise InvalidOptionError(
+                f"transform must pickle to run in {where} (define it at module level, or use "
+                f"shardfit.transforms). Received: {self.transform!r} ({err})"
+            ) from None
 
     def images(
         self,

@@ -1,0 +1,264 @@
+"""``shardfit.Sequence``: a Keras ``PyDataset`` that streams a packed split into ``model.fit``.
+
+A thin adapter: which samples each request gets and which epoch it belongs to is decided by the
+Keras-free :class:`~shardfit.read._order.EpochCursor`; batches are built by
+:class:`~shardfit.read._batch.BatchMaker`, in this process into reused buffers
+(``shardfit.read._buffers``) or in shardfit's own worker processes
+(:class:`~shardfit.read._workers.WorkerPool`, which owns its shared-memory ring). This module only
+turns Keras's calls into those, and shows Keras the values it must see (``_keras_arguments``).
+
+Importing this module imports Keras; ``import shardfit`` alone does not (``shardfit.Sequence``
+is loaded on first use).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from multiprocessing import context
+from typing import Any
+
+import keras
+import numpy as np
+import numpy.typing as npt
+
+from shardfit._options import merge_options
+from shardfit.errors import InvalidOptionError
+from shardfit.read._batch import BatchMaker
+from shardfit.read._buffers import BufferPool
+from shardfit.read._order import EpochCursor
+from shardfit.read._reader import ShardReader
+from shardfit.read._workers import WorkerPool
+from shardfit.read.options import Mode, SequenceOptions, build_mode
+from shardfit.transforms import Transform
+
+__all__ = ["Sequence"]
+
+
+def _keras_arguments(options: SequenceOptions, mode: Mode) -> dict[str, Any]:
+    """What Keras's ``PyDataset`` is told (and so what ``seq.workers`` and
+    ``seq.use_multiprocessing`` read), the one place where it differs from what was passed.
+
+    With shardfit's own worker processes, Keras must not start its process pool: it is shown a
+    dataset fed by two of its threads per shardfit process instead, so that each process has its
+    next request waiting while it builds the current one.
+    """
+    if mode == "processes":
+        return {
+            "workers": 2 * options.workers,
+            "use_multiprocessing": False,
+            "max_queue_size": options.max_queue_size,
+        }
+    return {
+        "workers": options.workers,
+        "use_multiprocessing": options.use_multiprocessing,
+        "max_queue_size": options.max_queue_size,
+    }
+
+
+class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
+    """Batches of one split of a packed store, for ``model.fit`` and friends.
+
+    ``seq[i]`` is ``(images, labels)``: images ``(n, H, W, 3)`` float32 in [0, 1] (uint8 stores
+    are converted), labels as ``label_mode`` says. Any index may be asked for in any order.
+
+    Args:
+        path: the store written by ``pack_images``.
+        split: ``"train"`` or ``"val"``.
+        batch_size: samples per batch (default: ``options.batch_size``, 32).
+        options: a :class:`~shardfit.SequenceOptions`; or give its fields as keyword arguments
+            (``shuffle``, ``seed``, ``shuffle_window``, ``label_mode``, ``drop_remainder``,
+            ``initial_epoch``, ``workers``, ``use_multiprocessing``, ``max_queue_size``,
+            ``shared_memory``), which replace those of ``options``.
+        transform: ``fn(images, rng) -> images`` applied to every batch where it is built (in
+            the worker processes, with ``use_multiprocessing=True``), ``rng`` seeded from
+            ``(seed, epoch, batch index)``: see :mod:`shardfit.transforms`.
+
+    ``seq.options`` reads back what was passed and ``seq.mode`` says where batches are built:
+    ``"in-process"``, ``"threads"`` (``workers > 1``), ``"processes"`` (shardfit's own
+    ``workers`` processes, with ``use_multiprocessing=True``) or ``"keras-processes"``
+    (``shared_memory=False``). Keras's own attributes (``seq.workers``,
+    ``seq.use_multiprocessing``) read what Keras is told: with shardfit's processes, twice as
+    many threads and no multiprocessing.
+
+    The object pickles to a few KB whatever the dataset's size; files are opened lazily in each
+    process that reads.
+
+    With worker processes, the first batch asked for starts them and reserves
+    ``max_queue_size + workers + 2`` batch-sized slots of shared memory in ``/dev/shm`` (or
+    ``$SHARDFIT_SHM_DIR``); both are held until :meth:`close`, or until the Sequence is
+    garbage. A worker that dies (killed, out of memory) makes the batch request fail with
+    :class:`~shardfit.errors.WorkerCrashedError`, so ``fit`` stops instead of hanging; the next
+    epoch begun (a new ``fit``) starts new workers.
+
+    Raises:
+        InvalidOptionError: an option breaks its rule.
+        DatasetFormatError, IncompleteDatasetError: the store cannot be read.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        split: str = "train",
+        batch_size: int | None = None,
+        *,
+        options: SequenceOptions | None = None,
+        transform: Transform | None = None,
+        **option_kwargs: Any,
+    ) -> None:
+        if batch_size is not None:
+            option_kwargs["batch_size"] = batch_size
+        opts = merge_options(SequenceOptions, options, option_kwargs)
+        if transform is not None and not callable(transform):
+            raise InvalidOptionError(
+                f"transform must be a callable fn(images, rng) -> images. Received: {transform!r}"
+            )
+        self.options = opts
+        self.mode: Mode = build_mode(opts)
+        super().__init__(**_keras_arguments(opts, self.mode))
+        self.transform = transform
+        self._reader = ShardReader(path, split)
+        self._maker = BatchMaker(self._reader, transform, opts.seed)
+        self._cursor = EpochCursor(
+            num_samples=self._reader.count,
+            shard_size=self._reader.shard_size,
+            batch_size=opts.batch_size,
+            drop_remainder=opts.drop_remainder,
+            seed=opts.seed,
+            shuffle=opts.shuffle,
+            window=opts.shuffle_window,
+            initial_epoch=opts.initial_epoch,
+            count_hooks=self.mode == "keras-processes",
+        )
+        self._buffers: tuple[int, BufferPool] | None = None
+        self._procs: WorkerPool | None = None
+        self._lock = threading.Lock()
+        self._pid = os.getpid()  # the process that may start worker processes
+
+    # -- what Keras and users see ------------------------------------------------------------
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Class names in label order."""
+        return self._reader.class_names
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the split."""
+        return self._reader.count
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batches belong to (as this process sees it)."""
+        return self._cursor.epoch
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of shardfit's worker processes now running (none before the first
+        batch, or after :meth:`close`)."""
+        pool = self._procs
+        return [] if pool is None or pool.broken else pool.pids
+
+    def __len__(self) -> int:
+        return self._cursor.length
+
+    def __getitem__(self, index: int) -> Any:
+        req = self._cursor.request(index)
+        workers = self._worker_pool()
+        if workers is not None:
+            images = workers.images(req.samples, req.epoch, req.index, req.ahead)
+        else:
+            images = self._maker.images(req.samples, req.epoch, req.index, self._buffer, req.ahead)
+        return (images, *self._labels(req.samples))
+
+    def close(self) -> None:
+        """End the worker processes and give back the shared-memory ring now (both also go
+        when the Sequence is garbage). Batches still held keep their memory until dropped.
+        Batches asked for after this fail, until a new epoch begins (a new ``fit``)."""
+        workers = self._procs  # stays, closed, so that late requests fail, not restart it
+        if workers is not None:
+            workers.close()
+
+    @property
+    def transport_stats(self) -> tuple[int, int] | None:
+        """Batches received from worker processes so far, as ``(through shared memory,
+        pickled whole)``; ``None`` when no worker pool is in use."""
+        pool = self._procs
+        if pool is None:
+            return None
+        return pool.ring.stats.shared, pool.ring.stats.pickled
+
+    def sample_indices(self, index: int, epoch: int | None = None) -> npt.NDArray[np.int64]:
+        """Which stored samples batch ``index`` of ``epoch`` (default: the current) holds."""
+        return self._cursor.samples(index, self._cursor.epoch if epoch is None else epoch)
+
+    def on_epoch_begin(self) -> None:
+        # a fit that failed on a dead worker, or a close(), left the pool broken: the next
+        # fit starts anew
+        workers = self._procs
+        if workers is not None and workers.broken:
+            with self._lock:
+                if self._procs is workers:
+                    self._procs = None
+            workers.close()
+
+    def on_epoch_end(self) -> None:
+        self._cursor.epoch_end()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _buffer(self, shape: tuple[int, ...]) -> npt.NDArray[np.float32]:
+        pool = self._buffers
+        if pool is None or pool[0] != os.getpid():
+            # enough for every batch Keras can hold at once: its queue, its workers, and the
+            # batch being trained on; a batch still referenced anywhere is never reused
+            capacity = self.max_queue_size + max(self.workers, 1) + 2
+            pool = self._buffers = (os.getpid(), BufferPool(capacity))
+        return pool[1].array(shape, np.float32)
+
+    def _worker_pool(self) -> WorkerPool | None:
+        """shardfit's worker processes, started on first use; ``None`` when batches are built
+        in this process."""
+        if self.mode != "processes" or os.getpid() != self._pid:
+            return None
+        workers = self._procs
+        if workers is not None:
+            return workers
+        with self._lock:
+            if self._procs is None:
+                per_image = int(np.prod(self._reader.image_shape)) * 4  # float32 out
+                self._procs = WorkerPool(
+                    self._maker,
+                    self.options.workers,
+                    # Keras holds at most max_queue_size + 1 batches (its queue, and one more
+                    # submitted while it waits for room), the model one or two
+                    slots=self.options.max_queue_size + self.options.workers + 2,
+                    slot_bytes=self.options.batch_size * per_image,
+                )
+            return self._procs
+
+    def _labels(self, samples: npt.NDArray[np.int64]) -> tuple[Any, ...]:
+        mode = self.options.label_mode
+        if mode is None:
+            return ()
+        labels = self._reader.labels()[samples]
+        if mode == "categorical":
+            onehot = np.zeros((samples.size, len(self.class_names)), dtype=np.float32)
+            onehot[np.arange(samples.size), labels] = 1.0
+            return (onehot,)
+        return (labels,)
+
+    def __getstate__(self) -> dict[str, Any]:
+        spawning = context.get_spawning_popen() is not None
+        self._maker.check_picklable(
+            "spawn or forkserver worker processes" if spawning else "another process"
+        )
+        state = self.__dict__.copy()
+        del state["_lock"]
+        state["_buffers"] = None
+        state["_procs"] = None  # processes and shared memory stay with their owner
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()

@@ -1,0 +1,94 @@
+"""Options of a :class:`~shardfit.Sequence`: one frozen, keyword-only dataclass that validates
+itself, and the one place where they decide where batches are built (:func:`build_mode`).
+
+Keras-free: packing, tests and tools can make and check these without importing Keras.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from shardfit.errors import InvalidOptionError
+
+__all__ = ["MODES", "LabelMode", "Mode", "SequenceOptions", "build_mode"]
+
+LabelMode = Literal["int", "categorical"] | None
+#: Where batches are built: in the consumer's thread, in Keras's threads, in shardfit's own
+#: worker processes (through shared memory), or in Keras's own process pool (pickled).
+Mode = Literal["in-process", "threads", "processes", "keras-processes"]
+MODES: tuple[str, ...] = ("in-process", "threads", "processes", "keras-processes")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InvalidOptionError(f"{name} must be an int >= {minimum}. Received: {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SequenceOptions:
+    """How a :class:`~shardfit.Sequence` cuts a split into batches and where it builds them;
+    validated on construction. A Sequence keeps them as passed (``seq.options``).
+
+    Attributes:
+        batch_size: samples per batch.
+        shuffle: a new order every epoch (shard order, then samples within a window of shards).
+        seed: seed of the shuffle; the order of epoch ``e`` is a function of ``(seed, e)``.
+        shuffle_window: shards whose samples are mixed together; more mixes better, fewer keeps
+            the set of shards read at a time (and the page cache they need) smaller.
+        label_mode: ``"int"`` (int32 class indices), ``"categorical"`` (float32 one-hot) or
+            ``None`` (images only), as in ``keras.utils.image_dataset_from_directory``.
+        drop_remainder: leave out the last, smaller batch.
+        initial_epoch: the epoch the first ``fit`` epoch is; pass the same as
+            ``fit(initial_epoch=...)`` when resuming.
+        workers: Keras's ``PyDataset`` argument: threads (``workers > 1``), or with
+            ``use_multiprocessing`` the number of worker processes.
+        use_multiprocessing: build batches in worker processes.
+        max_queue_size: batches prepared ahead of the one being trained on (Keras's argument).
+        shared_memory: with ``use_multiprocessing=True``, build batches in shardfit's own
+            worker processes, which send them through shared memory (the default); ``False``
+            leaves the processes to Keras's own pool, which pickles every batch through a pipe
+            (many times slower, rebuilt every epoch, and it hangs ``fit`` if a worker is
+            killed); kept for comparison.
+    """
+
+    batch_size: int = 32
+    shuffle: bool = True
+    seed: int = 0
+    shuffle_window: int = 4
+    label_mode: LabelMode = "int"
+    drop_remainder: bool = False
+    initial_epoch: int = 0
+    workers: int = 1
+    use_multiprocessing: bool = False
+    max_queue_size: int = 10
+    shared_memory: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("shuffle_window", self.shuffle_window, 1)
+        _check_int("initial_epoch", self.initial_epoch, 0)
+        _check_int("workers", self.workers, 0)
+        _check_int("max_queue_size", self.max_queue_size, 1)
+        if self.label_mode not in ("int", "categorical", None):
+            raise InvalidOptionError(
+                f"label_mode must be one of 'int', 'categorical', None. "
+                f"Received: {self.label_mode!r}"
+            )
+        for name in ("shuffle", "drop_remainder", "use_multiprocessing", "shared_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidOptionError(
+                    f"{name} must be a bool. Received: {getattr(self, name)!r}"
+                )
+
+
+def build_mode(options: SequenceOptions) -> Mode:
+    """Where batches are built under these options, by Keras's own rule for ``PyDataset``
+    (workers are used only when ``workers > 1``, or ``workers > 0`` with
+    ``use_multiprocessing``)."""
+    if options.use_multiprocessing and options.workers > 0:
+        return "processes" if options.shared_memory else "keras-processes"
+    if options.workers > 1:
+        return "threads"
+    return "in-process"
