@@ -48,8 +48,8 @@ def _plan(ctx: Ctx, epoch: int) -> list[np.ndarray]:
 
 def shard_files(store: Path) -> list[Path]:
     """Every shard file of the train split, in shard order."""
-    from shardfit.store._format import shard_path
     from shardfit.read._reader import ShardReader
+    from shardfit.store._format import shard_path
 
     r = ShardReader(store, "train")
     return [Path(shard_path(str(store), "train", k)) for k in range(r.num_shards)]

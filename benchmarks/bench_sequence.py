@@ -77,8 +77,8 @@ def _touch(batch: tuple) -> float:
 def run_variant(variant: str, path: Path, batch: int) -> dict:
     import numpy as np
 
-    from shardfit.store._format import shard_path
     from shardfit.read._reader import ShardReader
+    from shardfit.store._format import shard_path
     from shardfit.store._shardio import read_shard_index
 
     reader = ShardReader(path, "train")

@@ -18,8 +18,8 @@ from conftest import make_folder
 
 from shardfit import DatasetFormatError, InvalidOptionError, pack_images
 from shardfit.read import _reader as reader_module
-from shardfit.store._format import shard_path
 from shardfit.read._reader import ShardReader, _choose_io, memory_bytes
+from shardfit.store._format import shard_path
 
 N_PER_CLASS = {"a": 13, "b": 10}  # 23 images
 SHARD = 8

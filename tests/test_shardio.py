@@ -77,8 +77,8 @@ def test_too_many_chunks_is_an_error(tmp_path: Path) -> None:
 
 
 def test_a_shard_missing_an_image_is_refused_by_name(tmp_path: Path) -> None:
-    from shardfit.store._shardio import read_full_shard_index
     from shardfit.errors import DatasetFormatError
+    from shardfit.store._shardio import read_full_shard_index
 
     writer = ShardFileWriter(str(tmp_path / "s" / "0"), 4)
     for _ in range(3):
