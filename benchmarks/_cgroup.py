@@ -1,8 +1,8 @@
 """A real memory limit for one benchmark process: a cgroup v1 memory controller child group.
 
-cgroup v2 has no memory controller on these machines and systemd-run does not work; the v1
-memory controller does, as root (DESIGN.md). Under the limit the page cache is capped too, so a
-dataset twice the limit is read cold every epoch.
+cgroup v2 has no memory controller on these machines and systemd-run does not work; the v1 memory
+controller does, as root (docs/design.md, "Measuring RAM honestly"). Under the limit the page cache
+is capped too, so a dataset twice the limit is read cold every epoch.
 """
 
 from __future__ import annotations

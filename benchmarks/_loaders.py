@@ -32,14 +32,14 @@ class Ctx:
 
 
 def _reader(ctx: Ctx, name: str = "float32"):  # type: ignore[no-untyped-def]
-    from shardfit.read._reader import ShardReader
+    import shardfit
 
-    return ShardReader(ctx.stores[name], "train")
+    return shardfit.open_split(ctx.stores[name], "train")
 
 
 def _plan(ctx: Ctx, epoch: int) -> list[np.ndarray]:
     """Batches of epoch ``epoch`` as shardfit.Sequence(seed=0) cuts them (without Keras)."""
-    from shardfit.read._epoch import epoch_order
+    from shardfit import epoch_order
 
     r = _reader(ctx)
     order = epoch_order(r.count, r.shard_size, seed=0, epoch=epoch, shuffle=True, window=4)
@@ -48,11 +48,9 @@ def _plan(ctx: Ctx, epoch: int) -> list[np.ndarray]:
 
 def shard_files(store: Path) -> list[Path]:
     """Every shard file of the train split, in shard order."""
-    from shardfit.read._reader import ShardReader
-    from shardfit.store._format import shard_path
+    import shardfit
 
-    r = ShardReader(store, "train")
-    return [Path(shard_path(str(store), "train", k)) for k in range(r.num_shards)]
+    return [Path(f) for f in shardfit.open_split(store, "train").shard_files()]
 
 
 # -- ceilings ---------------------------------------------------------------------------------
@@ -77,13 +75,11 @@ def ceiling_ram(ctx: Ctx) -> EpochFn:
 
 def ceiling_memmap(ctx: Ctx) -> EpochFn:
     """np.memmap of every shard file, each sample copied into one reused buffer."""
-    from shardfit.store._shardio import read_shard_index
-
     r = _reader(ctx)
     maps = []
-    for k, file in enumerate(shard_files(ctx.stores["float32"])):
+    for k, file in enumerate(r.shard_files()):
         n = min(r.shard_size, r.count - k * r.shard_size)
-        off = int(read_shard_index(str(file), r.shard_size)[0, 0])
+        off = int(r.sample_offsets(k)[0])
         maps.append(np.memmap(file, np.float32, "r", off, (n, *r.image_shape)))
     labels = r.labels()
     buf = np.empty((ctx.batch, *r.image_shape), np.float32)

@@ -1,4 +1,4 @@
-"""Honest RAM figures for a process tree (see DESIGN.md, "Measuring RAM honestly").
+"""Honest RAM figures for a process tree (docs/design.md, "Measuring RAM honestly").
 
 The loader's own memory is the sum, over a process and all its descendants, of
 ``Pss_Anon + Pss_Shmem`` from ``/proc/<pid>/smaps_rollup``; page cache of mapped files

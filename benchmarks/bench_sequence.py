@@ -77,19 +77,17 @@ def _touch(batch: tuple) -> float:
 def run_variant(variant: str, path: Path, batch: int) -> dict:
     import numpy as np
 
-    from shardfit.read._reader import ShardReader
-    from shardfit.store._format import shard_path
-    from shardfit.store._shardio import read_shard_index
+    import shardfit
 
-    reader = ShardReader(path, "train")
+    reader = shardfit.open_split(path, "train")
     h, w, c = reader.image_shape
     buf = np.empty((batch, h, w, c), np.float32)
     shards = []
     if variant == "memmap-copy":  # mapped once, as the reader maps each shard once
         for k in range(reader.num_shards):
             n = min(reader.shard_size, reader.count - k * reader.shard_size)
-            file = shard_path(str(path), "train", k)
-            offset = int(read_shard_index(file, reader.shard_size)[0, 0])
+            file = reader.shard_files()[k]
+            offset = int(reader.sample_offsets(k)[0])
             shards.append(np.memmap(file, np.float32, "r", offset, (n, h, w, c)))
     if variant.startswith("sequence"):
         from shardfit import Sequence

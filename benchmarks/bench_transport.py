@@ -15,8 +15,9 @@ Variants (same store, same epoch plan, 224x224x3 float32, batch 32):
 - ``... + Python transform``: a per-sample augmentation written in plain Python (GIL-bound,
   about a millisecond per image), in-process, 1 process and 2 processes.
 
-Two rates: steady state (first to last batch of the epoch) and whole epoch (Keras starts a new
-pool per epoch and waits 100 ms at its end: on short epochs that dominates; DESIGN.md).
+Two rates: steady state (first to last batch of the epoch) and whole epoch (Keras starts a new pool
+per epoch and waits 100 ms at its end: on short epochs that dominates; docs/design.md, "How Keras
+runs a PyDataset").
 """
 
 from __future__ import annotations

@@ -23,8 +23,10 @@ from shardfit.errors import (
 )
 from shardfit.pack._pack import PackReport, pack_images
 from shardfit.pack.options import PackOptions
+from shardfit.read._epoch import batch_count, epoch_order
+from shardfit.read._reader import SplitReader, open_split
 from shardfit.read.options import SequenceOptions
-from shardfit.store._format import DatasetInfo, SplitInfo, read_info
+from shardfit.store._format import DatasetInfo, SplitInfo, read_info, shard_path
 
 if TYPE_CHECKING:  # imported lazily at run time: Sequence needs Keras
     from shardfit.keras._sequence import Sequence
@@ -45,11 +47,16 @@ __all__ = [
     "SharedMemoryError",
     "SourceFolderError",
     "SplitInfo",
+    "SplitReader",
     "TransformError",
     "WorkerCrashedError",
     "__version__",
+    "batch_count",
+    "epoch_order",
+    "open_split",
     "pack_images",
     "read_info",
+    "shard_path",
 ]
 
 

@@ -7,7 +7,9 @@ is one line on stderr and exit status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -57,6 +59,24 @@ def _pack_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar, errors only")
     p.add_argument("--verbose", action="store_true", help="log every ignored and skipped file")
     return p
+
+
+#: Python arguments named in library messages, and the flags that say the same here.
+_FLAGS = [
+    (re.compile(r"\b(overwrite|resume|dry_run)=True\b"), lambda m: "--" + m[1].replace("_", "-")),
+    (re.compile(r"\bon_error=[\"'](\w+)[\"']"), lambda m: f"--on-error {m[1]}"),
+    (  # "image_size must be ..." from PackOptions: every field is a flag of the same name
+        re.compile(rf"^({'|'.join(f.name for f in dataclasses.fields(PackOptions))})(?= )"),
+        lambda m: "--" + m[1].replace("_", "-"),
+    ),
+]
+
+
+def as_flags(message: str) -> str:
+    """A library message with the Python arguments it names replaced by this CLI's flags."""
+    for pattern, flag in _FLAGS:
+        message = pattern.sub(flag, message)
+    return message
 
 
 def _print_list(title: str, items: list[tuple[str, str]], limit: int | None) -> None:
@@ -123,7 +143,7 @@ def pack_main(argv: Sequence[str] | None = None, prog: str = "pack_images.py") -
             progress=not args.quiet,
         )
     except ShardfitError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {as_flags(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; run again with --resume to finish", file=sys.stderr)

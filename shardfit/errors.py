@@ -40,7 +40,7 @@ class ImageDecodeError(ShardfitError, ValueError):
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(
             f"cannot decode {path}: {reason}. Fix or remove the file, or pack with "
-            "--on-error skip to skip and list such files."
+            'on_error="skip" to skip and list such files.'
         )
         self.path = path
         self.reason = reason
@@ -51,7 +51,7 @@ class OutputExistsError(ShardfitError, FileExistsError):
 
 
 class ResumeMismatchError(ShardfitError, ValueError):
-    """``--resume`` was asked for, but the source folder or the options changed since."""
+    """``resume=True`` was asked for, but the source folder or the options changed since."""
 
 
 class IncompleteDatasetError(ShardfitError, RuntimeError):

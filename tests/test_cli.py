@@ -50,8 +50,11 @@ def test_cli_packs_and_prints_a_summary(tmp_path: Path) -> None:
     ("args", "fragments"),
     [
         (["MISSING", "o.zarr", "--image-size", "8", "8"], ["does not exist"]),
-        (["SRC", "o.zarr", "--image-size", "0", "8"], ["image_size must be two positive ints"]),
-        (["SRC", "o.zarr", "--image-size", "8", "8", "--val-fraction", "2"], ["val_fraction"]),
+        (["SRC", "o.zarr", "--image-size", "0", "8"], ["--image-size must be two positive ints"]),
+        (
+            ["SRC", "o.zarr", "--image-size", "8", "8", "--val-fraction", "2"],
+            ["--val-fraction must be"],
+        ),
         (
             ["SRC", "o.zarr", "--image-size", "8", "8", "--dtype", "f16"],
             ["--dtype", "invalid choice"],
@@ -174,7 +177,7 @@ def test_kill_9_mid_pack_then_resume_equals_an_uninterrupted_pack(tmp_path: Path
     proc = _spawn(src, out)
     _kill_when(proc, lambda: state.is_dir() and len(list(state.glob("train-*.json"))) >= 3)
     assert proc.returncode == -signal.SIGKILL, "the pack finished before it could be killed"
-    with pytest.raises(IncompleteDatasetError, match="--resume"):
+    with pytest.raises(IncompleteDatasetError, match="resume=True"):
         read_info(out)
     again = run(str(src), str(out), *PACK_ARGS)
     assert again.returncode == 2 and "--resume" in again.stderr

@@ -204,7 +204,7 @@ def test_on_error_raise_stops_at_the_first_bad_file(folder, tmp_path: Path) -> N
     with pytest.raises(ImageDecodeError, match=r"cannot decode .*b/zzz\.jpg: OSError: empty file"):
         pack_images(src, out, image_size=(8, 8), workers=2, on_error="raise")
     assert not out.exists()
-    with pytest.raises(IncompleteDatasetError, match="--resume"):
+    with pytest.raises(IncompleteDatasetError, match="resume=True"):
         read_info(out)
 
 
@@ -255,7 +255,7 @@ def test_existing_output_needs_overwrite(folder, tmp_path: Path) -> None:
     src, _ = folder({"a": 3, "b": 3})
     out = tmp_path / "d.zarr"
     pack_images(src, out, image_size=(8, 8), workers=0)
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="overwrite=True"):
         pack_images(src, out, image_size=(8, 8), workers=0)
     report = pack_images(src, out, image_size=(4, 4), workers=0, overwrite=True)
     assert read_info(out).image_size == (4, 4)
@@ -279,9 +279,9 @@ def test_resume_with_changed_folder_is_refused(folder, tmp_path: Path) -> None:
     out = tmp_path / "d.zarr"
     with pytest.raises(ImageDecodeError):
         pack_images(src, out, image_size=(8, 8), workers=1, on_error="raise")
-    with pytest.raises(ResumeMismatchError, match="--overwrite"):
+    with pytest.raises(ResumeMismatchError, match="overwrite=True"):
         pack_images(src, out, image_size=(6, 6), workers=1, resume=True)
-    with pytest.raises(OutputExistsError, match="--resume"):
+    with pytest.raises(OutputExistsError, match="resume=True"):
         pack_images(src, out, image_size=(8, 8), workers=1)
     # fixing the file changes the folder; skipping it instead resumes the same pack
     report = pack_images(src, out, image_size=(8, 8), workers=1, resume=True)

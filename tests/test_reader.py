@@ -1,4 +1,4 @@
-"""ShardReader: both read paths (mmap, pread) against the stored values, the choice between
+"""SplitReader: both read paths (mmap, pread) against the stored values, the choice between
 them, truncated files, pickling and fork, threads."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from conftest import make_folder
 
 from shardfit import DatasetFormatError, InvalidOptionError, pack_images
 from shardfit.read import _reader as reader_module
-from shardfit.read._reader import ShardReader, _choose_io, memory_bytes
+from shardfit.read._reader import SplitReader, _choose_io, memory_bytes
 from shardfit.store._format import shard_path
 
 N_PER_CLASS = {"a": 13, "b": 10}  # 23 images
@@ -76,7 +76,7 @@ def orders(count: int) -> list[np.ndarray]:
 def test_both_modes_read_the_stored_values(stores, kind: tuple[str, str], io: str) -> None:
     path = stores[kind]
     images = stored(path)
-    reader = ShardReader(path, io=io)  # type: ignore[arg-type]
+    reader = SplitReader(path, io=io)  # type: ignore[arg-type]
     assert reader.io_mode == io
     assert reader.count == len(images) and reader.count % SHARD != 0  # a partial last shard
     as_float = images.astype(np.float32) / 255 if images.dtype == np.uint8 else images
@@ -94,7 +94,7 @@ def test_both_modes_read_the_stored_values(stores, kind: tuple[str, str], io: st
 def test_a_non_contiguous_destination_is_filled_too(stores, io: str) -> None:
     path = stores[("float32", "none")]
     images = stored(path)
-    reader = ShardReader(path, io=io)  # type: ignore[arg-type]
+    reader = SplitReader(path, io=io)  # type: ignore[arg-type]
     order = np.random.default_rng(1).permutation(reader.count)
     wide = np.zeros((len(order), *reader.image_shape[:2], 4), np.float32)
     reader.read_into(order, wide[..., :3])  # each out[b] is strided
@@ -104,7 +104,7 @@ def test_a_non_contiguous_destination_is_filled_too(stores, io: str) -> None:
 
 @pytest.mark.parametrize("io", MODES)
 def test_out_of_range_indices_raise(stores, io: str) -> None:
-    reader = ShardReader(stores[("float32", "none")], io=io)  # type: ignore[arg-type]
+    reader = SplitReader(stores[("float32", "none")], io=io)  # type: ignore[arg-type]
     out = np.empty((2, *reader.image_shape), np.float32)
     for bad in (reader.count, -1):
         with pytest.raises(IndexError, match=f"sample {bad} out of range"):
@@ -113,7 +113,7 @@ def test_out_of_range_indices_raise(stores, io: str) -> None:
 
 @pytest.mark.parametrize("io", MODES)
 def test_a_read_ahead_hint_changes_nothing_read_and_checks_its_indices(stores, io: str) -> None:
-    reader = ShardReader(stores[("float32", "none")], io=io)  # type: ignore[arg-type]
+    reader = SplitReader(stores[("float32", "none")], io=io)  # type: ignore[arg-type]
     images = stored(stores[("float32", "none")])
     reader.will_need(np.arange(reader.count)[::-1])
     out = np.empty((3, *reader.image_shape), np.float32)
@@ -129,9 +129,9 @@ def test_a_bad_io_option_is_refused(stores) -> None:
     with pytest.raises(
         InvalidOptionError, match=r"io must be one of 'auto', 'mmap', 'pread'\. Received: 'bad'"
     ):
-        ShardReader(path, io="bad")  # type: ignore[arg-type]
+        SplitReader(path, io="bad")  # type: ignore[arg-type]
     with pytest.raises(InvalidOptionError, match=r"Received: None"):
-        ShardReader(path, io=None)  # type: ignore[arg-type]
+        SplitReader(path, io=None)  # type: ignore[arg-type]
 
 
 def test_choose_io_reads_with_pread_when_data_is_over_half_the_memory() -> None:
@@ -144,15 +144,15 @@ def test_choose_io_reads_with_pread_when_data_is_over_half_the_memory() -> None:
 
 def test_auto_follows_the_memory_available(stores, monkeypatch: pytest.MonkeyPatch) -> None:
     path = stores[("float32", "none")]
-    shards = ShardReader(path, io="mmap").num_shards
+    shards = SplitReader(path, io="mmap").num_shards
     data = sum(os.path.getsize(shard_path(str(path), "train", k)) for k in range(shards))
     monkeypatch.setattr(reader_module, "memory_bytes", lambda: 2 * data)
-    assert ShardReader(path).io_mode == "mmap"
+    assert SplitReader(path).io_mode == "mmap"
     monkeypatch.setattr(reader_module, "memory_bytes", lambda: 2 * data - 1)
-    assert ShardReader(path).io_mode == "pread"
-    assert ShardReader(path, io="mmap").io_mode == "mmap"  # an explicit choice stands
+    assert SplitReader(path).io_mode == "pread"
+    assert SplitReader(path, io="mmap").io_mode == "mmap"  # an explicit choice stands
     monkeypatch.setattr(reader_module, "memory_bytes", lambda: None)
-    assert ShardReader(path).io_mode == "mmap"
+    assert SplitReader(path).io_mode == "mmap"
 
 
 def _fake_system(root: Path, cgroup: str, files: dict[str, str], mem_kb: int | None) -> tuple:
@@ -224,7 +224,7 @@ def test_a_file_truncated_before_opening_is_named(stores, tmp_path: Path) -> Non
     path = Path(shutil.copytree(stores[("float32", "none")], tmp_path / "copy.zarr"))
     shard = shard_path(str(path), "train", 1)
     Path(shard).write_bytes(Path(shard).read_bytes()[:100])
-    reader = ShardReader(path, io="pread")
+    reader = SplitReader(path, io="pread")
     out = np.empty((1, *reader.image_shape), np.float32)
     with pytest.raises(DatasetFormatError, match=f"shard file {shard} is truncated"):
         reader.read_into(np.array([SHARD]), out)
@@ -235,7 +235,7 @@ def test_a_file_truncated_while_open_is_named_in_pread_mode(
     stores, tmp_path: Path, kind: tuple[str, str]
 ) -> None:
     path = Path(shutil.copytree(stores[kind], tmp_path / "copy.zarr"))
-    reader = ShardReader(path, io="pread")
+    reader = SplitReader(path, io="pread")
     out = np.empty((1, *reader.image_shape), np.float32)
     reader.read_into(np.array([SHARD]), out)  # opens shard 1 and reads its index
     shard = shard_path(str(path), "train", 1)
@@ -247,7 +247,7 @@ def test_a_file_truncated_while_open_is_named_in_pread_mode(
             reader.read_into(np.array([j]), out)
 
 
-def _read_in_child(blob: bytes, original: ShardReader, order: list[int], queue: mp.Queue) -> None:
+def _read_in_child(blob: bytes, original: SplitReader, order: list[int], queue: mp.Queue) -> None:
     results = []
     for reader in (pickle.loads(blob), original):
         out = np.empty((len(order), *reader.image_shape), np.float32)
@@ -259,7 +259,7 @@ def _read_in_child(blob: bytes, original: ShardReader, order: list[int], queue: 
 @pytest.mark.parametrize("io", MODES)
 def test_a_reader_pickles_small_and_reads_in_a_forked_child(stores, io: str) -> None:
     path = stores[("uint8", "none")]
-    reader = ShardReader(path, io=io)  # type: ignore[arg-type]
+    reader = SplitReader(path, io=io)  # type: ignore[arg-type]
     order = np.random.default_rng(2).permutation(reader.count)
     first = np.empty((len(order), *reader.image_shape), np.float32)
     reader.read_into(order, first)  # opens every shard in this process
@@ -286,7 +286,7 @@ def test_threads_reading_at_once_in_pread_mode(stores, kind: tuple[str, str]) ->
     path = stores[kind]
     images = stored(path)
     expect = images.astype(np.float32) / 255 if images.dtype == np.uint8 else images
-    reader = ShardReader(path, io="pread")
+    reader = SplitReader(path, io="pread")
 
     def work(seed: int) -> int:
         rng = np.random.default_rng(seed)
@@ -307,7 +307,7 @@ def test_pread_files_are_closed_with_the_reader(stores) -> None:
         return len(os.listdir("/proc/self/fd"))
 
     before = open_fds()
-    reader = ShardReader(stores[("float32", "none")], io="pread")
+    reader = SplitReader(stores[("float32", "none")], io="pread")
     out = np.empty((reader.count, *reader.image_shape), np.float32)
     reader.read_into(np.arange(reader.count), out)
     assert open_fds() == before + reader.num_shards  # one descriptor per shard

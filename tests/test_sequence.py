@@ -110,7 +110,7 @@ def test_bad_arguments_are_clear_errors(store) -> None:
         Sequence(path, batch_size=0)
     with pytest.raises(InvalidOptionError, match="label_mode must be one of"):
         Sequence(path, label_mode="binary")  # type: ignore[arg-type]
-    with pytest.raises(DatasetFormatError, match="split must be one of train, val"):
+    with pytest.raises(InvalidOptionError, match="split must be one of train, val"):
         Sequence(path, split="test")
     with pytest.raises(IndexError, match=r"batch index must be in \[0, "):
         Sequence(path)[10_000]

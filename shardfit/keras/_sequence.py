@@ -27,7 +27,7 @@ from shardfit.errors import InvalidOptionError
 from shardfit.read._batch import BatchMaker
 from shardfit.read._buffers import BufferPool
 from shardfit.read._order import EpochCursor
-from shardfit.read._reader import ShardReader
+from shardfit.read._reader import SplitReader
 from shardfit.read._workers import WorkerPool
 from shardfit.read.options import Mode, SequenceOptions, build_mode
 from shardfit.transforms import Transform
@@ -117,7 +117,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         self.mode: Mode = build_mode(opts)
         super().__init__(**_keras_arguments(opts, self.mode))
         self.transform = transform
-        self._reader = ShardReader(path, split)
+        self._reader = SplitReader(path, split)
         self._maker = BatchMaker(self._reader, transform, opts.seed)
         self._cursor = EpochCursor(
             num_samples=self._reader.count,

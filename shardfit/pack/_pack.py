@@ -109,8 +109,8 @@ def _prepare_partial(
     """Make ``partial`` ready to write into; return True when it continues an earlier pack."""
     if os.path.exists(out) and not overwrite:
         raise OutputExistsError(
-            f"output {out} already exists: pass --overwrite to replace it (the old store is kept "
-            "until the new one is complete)"
+            f"output {out} already exists: pass overwrite=True to replace it (the old "
+            "store is kept until the new one is complete)"
         )
     state_file = os.path.join(partial, STATE_DIR, _STATE_FILE)
     if os.path.exists(partial):
@@ -125,14 +125,14 @@ def _prepare_partial(
             elif state.get("fingerprint") != fingerprint:
                 raise ResumeMismatchError(
                     f"cannot resume {partial}: the source folder or the packing options changed "
-                    "since it was started; pass --overwrite to start over"
+                    "since it was started; pass overwrite=True to start over"
                 )
             else:
                 return True
         elif not overwrite:
             raise OutputExistsError(
-                f"{partial} holds an interrupted pack of {out}: pass --resume to finish it or "
-                "--overwrite to start over"
+                f"{partial} holds an interrupted pack of {out}: pass resume=True to finish it or "
+                "overwrite=True to start over"
             )
         else:
             shutil.rmtree(partial)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from shardfit.errors import InvalidOptionError
+from shardfit.store._format import COMPRESSIONS, DTYPES
 
 __all__ = [
     "COMPRESSIONS",
@@ -23,12 +24,12 @@ Compression = Literal["none", "zstd", "blosc-lz4"]
 OnError = Literal["skip", "raise"]
 
 RESIZE_MODES: tuple[str, ...] = ("stretch", "crop", "pad")
-DTYPES: tuple[str, ...] = ("float32", "uint8")
-COMPRESSIONS: tuple[str, ...] = ("none", "zstd", "blosc-lz4")
 #: Names follow ``keras.utils.image_dataset_from_directory``; each maps to the PIL filter of the
 #: same kind. PIL's filters antialias when downscaling (TensorFlow's bilinear does not).
 INTERPOLATIONS: tuple[str, ...] = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "hamming")
-#: The automatic shard size aims at this many bytes per shard (within DESIGN's 64-256 MB band).
+#: The automatic shard size aims at this many bytes per shard: large enough that per-file costs
+#: vanish, small enough for one worker to write a shard whole and for a shuffle window of
+#: shards to stay in the page cache.
 TARGET_SHARD_BYTES = 128 * 2**20
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shardfit.errors import InvalidOptionError, TransformError
-from shardfit.read._reader import ShardReader
+from shardfit.read._reader import SplitReader
 from shardfit.transforms import Transform
 
 __all__ = ["BatchMaker", "transform_rng"]
@@ -34,7 +34,7 @@ class BatchMaker:
     """What a process needs to build batches: the reader (opened lazily in each process), the
     transform, and the seed. Pickles small (the transform must pickle for spawned workers)."""
 
-    reader: ShardReader
+    reader: SplitReader
     transform: Transform | None
     seed: int
 

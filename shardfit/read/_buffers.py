@@ -9,7 +9,8 @@ whoever holds it (Python code, a queue, or TensorFlow holding the array alive).
 
 Buffers are anonymous memory maps, so they start on a page boundary as the shard data does:
 copying page-aligned images into malloc's buffers (16 bytes past a page boundary) suffers 4K
-aliasing, measured here at up to half the copy rate (DESIGN.md).
+aliasing, measured here at up to half the copy rate (docs/design.md, "Measured machine
+facts").
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Epoch plans: which samples each batch holds, as pure functions of (seed, epoch).
 
-Shuffling with a shard window (see DESIGN.md): shard order is permuted every epoch, shards are
-taken ``window`` at a time, and the samples of each window are permuted among themselves. Every
-sample appears exactly once per epoch, only ``window`` shards are read at a time (a bounded
+Shuffling with a shard window (docs/design.md, "Epoch plans"): shard order is permuted every epoch,
+shards are taken ``window`` at a time, and the samples of each window are permuted among themselves.
+Every sample appears exactly once per epoch, only ``window`` shards are read at a time (a bounded
 page-cache working set), and any process can compute the plan alone from (seed, epoch).
 """
 

@@ -38,7 +38,7 @@ from shardfit.errors import DatasetFormatError, InvalidOptionError
 from shardfit.store._format import read_info, shard_path
 from shardfit.store._shardio import ChunkEncoder, read_full_shard_index
 
-__all__ = ["ShardReader"]
+__all__ = ["SplitReader", "open_split"]
 
 IoMode = Literal["auto", "mmap", "pread"]
 _IO_MODES: tuple[str, ...] = ("auto", "mmap", "pread")
@@ -90,7 +90,19 @@ class _Open:
     local: threading.local = field(default_factory=threading.local)
 
 
-class ShardReader:
+def open_split(
+    path: str | os.PathLike[str], split: str = "train", *, io: IoMode = "auto"
+) -> SplitReader:
+    """Open one split of a store for random access to its samples, without Keras.
+
+    ``reader.read(indices)`` gives images as float32 in [0, 1], ``reader.labels()`` every
+    label, and ``shardfit.epoch_order(...)`` the order a ``Sequence`` visits them; see
+    :class:`SplitReader`.
+    """
+    return SplitReader(path, split, io=io)
+
+
+class SplitReader:
     """Random access to the images and labels of one split of a shardfit store.
 
     Args:
@@ -120,7 +132,7 @@ class ShardReader:
             )
         info = read_info(path)
         if split not in info.splits:
-            raise DatasetFormatError(
+            raise InvalidOptionError(
                 f"split must be one of {', '.join(info.splits)} for {info.path}. "
                 f"Received: {split!r}"
             )
@@ -227,6 +239,33 @@ class ShardReader:
         # other descriptor is closed as soon as it is dropped
         return opened.files.setdefault(k, new)
 
+    def shard_files(self) -> list[str]:
+        """Path of every shard file of the split, in shard order."""
+        return [shard_path(self.path, self.split, k) for k in range(self.num_shards)]
+
+    def sample_offsets(self, shard: int) -> npt.NDArray[np.int64]:
+        """Byte offset of each sample of shard ``shard`` in its file (from the shard's index,
+        read and checked).
+
+        Raises:
+            DatasetFormatError: the shard file is missing, truncated or corrupt (named).
+        """
+        path = shard_path(self.path, self.split, shard)
+        expect = min(self.shard_size, self.count - shard * self.shard_size)
+        index = read_full_shard_index(path, self.shard_size, expect)
+        return index[:expect, 0].astype(np.int64)
+
+    def read(self, indices: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """Samples ``indices`` as a new float32 array ``(n, H, W, 3)`` in [0, 1].
+
+        Raises:
+            IndexError, DatasetFormatError: as :meth:`read_into`.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = np.empty((idx.size, *self.image_shape), np.float32)
+        self.read_into(idx, out)
+        return out
+
     def labels(self) -> npt.NDArray[np.int32]:
         """All labels of the split (read once per process)."""
         opened = self._handles()
@@ -327,7 +366,7 @@ class ShardReader:
         """This thread's buffer for one stored image, reused: converted samples land here first.
 
         Page-aligned (anonymous mapping), so that converting from it into an aligned batch
-        buffer does not suffer 4K aliasing (DESIGN.md).
+        buffer does not suffer 4K aliasing (docs/design.md, "Measured machine facts").
         """
         local = self._handles().local
         stage: npt.NDArray[Any] | None = getattr(local, "stage", None)

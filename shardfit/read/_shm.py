@@ -1,9 +1,9 @@
 """A ring of shared-memory batch slots: worker processes fill them, the parent reads them in place.
 
 Pickling a 224x224 float32 batch through a pipe runs at about 600 images/s on these machines
-(DESIGN.md). Here the parent hands a worker the number of a free slot with each task; the worker
-writes the batch there and answers with its shape; the parent wraps the slot's memory as the
-batch array: no copy on the way back.
+(docs/design.md, "How Keras runs a PyDataset"). Here the parent hands a worker the number of a free
+slot with each task; the worker writes the batch there and answers with its shape; the parent wraps
+the slot's memory as the batch array: no copy on the way back.
 
 The parent alone decides which slots are free, so no lock crosses processes and a dead worker
 cannot leave a slot claimed. A slot handed out as a batch comes back when the batch's

@@ -11,6 +11,8 @@ from shardfit.errors import DatasetFormatError, IncompleteDatasetError
 
 __all__ = [
     "ATTRS_KEY",
+    "COMPRESSIONS",
+    "DTYPES",
     "FORMAT_VERSION",
     "PARTIAL_SUFFIX",
     "STATE_DIR",
@@ -20,6 +22,9 @@ __all__ = [
     "shard_path",
 ]
 
+#: Stored pixel types and chunk codecs this version of the format defines (FORMAT.md).
+DTYPES: tuple[str, ...] = ("float32", "uint8")
+COMPRESSIONS: tuple[str, ...] = ("none", "zstd", "blosc-lz4")
 #: Version of the layout described in FORMAT.md; readers refuse other versions.
 FORMAT_VERSION = 1
 #: Key of shardfit's attributes in the root group's (and each split group's) zarr attributes.
@@ -111,7 +116,7 @@ def read_info(path: str | os.PathLike[str]) -> DatasetInfo:
         if os.path.isdir(partial):
             raise IncompleteDatasetError(
                 f"{p} is incomplete: its pack was interrupted (work so far is in {partial}). "
-                "Run the same pack command again with --resume to finish it."
+                "Pack it again with the same folder and options and resume=True to finish it."
             )
         raise DatasetFormatError(f"{p} does not exist: pack a folder with tools/pack_images.py")
     attrs = _load_attrs(p)
@@ -123,9 +128,15 @@ def read_info(path: str | os.PathLike[str]) -> DatasetInfo:
         )
     if attrs.get("complete") is not True:
         raise IncompleteDatasetError(
-            f"{p} is incomplete: its pack was interrupted. Run the same pack command again with "
-            "--resume to finish it."
+            f"{p} is incomplete: its pack was interrupted. Pack it again with the same folder "
+            "and options and resume=True to finish it."
         )
+    for key, allowed in (("dtype", DTYPES), ("compression", COMPRESSIONS)):
+        if attrs.get(key) not in allowed:
+            raise DatasetFormatError(
+                f"{os.path.join(p, 'zarr.json')} has {key} {attrs.get(key)!r}, not one of "
+                f"{', '.join(allowed)}: the store is damaged, or written by another shardfit"
+            )
     splits = {
         name: SplitInfo(
             name=name,
