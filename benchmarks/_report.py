@@ -1,10 +1,23 @@
-"""Where every benchmark leaves its figures: ``NAME.json`` (all data) and ``NAME.md`` (table)."""
+"""Where every benchmark leaves its figures: ``NAME.json`` (all data) and ``NAME.md`` (table).
+
+A run writes into a fresh folder, ``benchmarks/runs/<date-time>/`` (not tracked by git), unless
+``--out`` names another: the committed figures in ``benchmarks/results/`` change only when a run
+is asked to write there (``--out benchmarks/results``).
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
+
+OUT_HELP = "folder for the results (default: a fresh benchmarks/runs/<date-time>/)"
+
+
+def fresh_out() -> Path:
+    """A folder of its own for this run's results (created when they are written)."""
+    return Path(__file__).resolve().parent / "runs" / time.strftime("%Y%m%d-%H%M%S")
 
 
 def publish(out: Path, name: str, doc: Any, lines: list[str]) -> None:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from _memory import tree_memory  # noqa: E402
-from _report import publish  # noqa: E402
+from _report import OUT_HELP, fresh_out, publish  # noqa: E402
 
 BATCH, WORKERS, QUEUE, SIZE = 32, 2, 10, 224
 
@@ -136,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1700, 5200], help="images per store")
     p.add_argument("--tmp", default=None, help="folder for the stores (default: system temp)")
-    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.out = args.out or fresh_out()
     if args.child:
         child(args.child)
         return 0

@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from _memory import PeakSampler  # noqa: E402
-from _report import publish  # noqa: E402
+from _report import OUT_HELP, fresh_out, publish  # noqa: E402
 
 
 def _photo(h: int, w: int, rng) -> np.ndarray:  # type: ignore[name-defined]  # noqa: F821
@@ -236,11 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unique", type=int, default=800, help="distinct images among them")
     p.add_argument("--size", type=int, default=224, help="packed image side in pixels")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", type=Path, default=HERE / "results", help="folder for JSON + markdown")
+    p.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     p.add_argument("--child", dest="variant", help=argparse.SUPPRESS)
     p.add_argument("--src", help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.out = args.out or fresh_out()
     if args.variant:
         child(args)
         return 0

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from _report import publish  # noqa: E402
+from _report import OUT_HELP, fresh_out, publish  # noqa: E402
 
 
 def make_store(root: Path, images: int, size: int) -> Path:
@@ -123,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.out = args.out or fresh_out()
     if args.child:
         print("RESULT " + json.dumps(run_variant(args.child, Path(args.store), args.batch)))
         return 0

@@ -56,7 +56,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import _cgroup  # noqa: E402
 from _memory import PeakSampler  # noqa: E402
-from _report import publish  # noqa: E402
+from _report import OUT_HELP, fresh_out, publish  # noqa: E402
 
 SIZES = {  # images, side in pixels, repetitions, regimes
     "small": (192, 64, 1, ("warm",)),
@@ -247,8 +247,10 @@ def child(args: argparse.Namespace) -> None:
 
 
 def _shm_segments() -> set[str]:
+    """shardfit's own files in /dev/shm (its rings are named ``shardfit-*``). Only those: other
+    programs on the machine (a multiprocessing semaphore of another job) come and go."""
     try:
-        return set(os.listdir("/dev/shm"))
+        return {n for n in os.listdir("/dev/shm") if n.startswith("shardfit-")}
     except OSError:
         return set()
 
@@ -351,35 +353,75 @@ def machine() -> dict:
     return info
 
 
+def _family(variant: str) -> str:
+    name = variant.removeprefix("fit: ")
+    if name.startswith("ceiling") or name.startswith("constant batch"):
+        return "ceiling"
+    return "shardfit" if name.startswith("shardfit") else "other loader"
+
+
+_COLOURS = {"shardfit": "tab:blue", "other loader": "tab:gray", "ceiling": "tab:orange"}
+_X_MIN = 50  # images/s at the left edge of each panel
+
+
 def plot(rows: list[dict], path: Path) -> bool:
+    """One panel per (level, regime): loaders alone on top, ``fit`` fed by them below; a
+    labelled bar per variant (images/s, log scale), its own RAM written beside it."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
         return False
     ran = {r["regime"] for r in rows}
     regimes = [g for g in ("warm", "cold", "constrained") if g in ran]
-    fig, axes = plt.subplots(1, len(regimes), figsize=(7 * len(regimes), 5), squeeze=False)
-    for ax, regime in zip(axes[0], regimes, strict=True):
-        for r in (r for r in rows if r["regime"] == regime and "median" in r):
-            ax.scatter(r["peak_own_mb"], r["median"], s=40)
-            ax.annotate(
-                r["variant"],
-                (r["peak_own_mb"], r["median"]),
-                fontsize=7,
-                xytext=(4, 2),
-                textcoords="offset points",
+    levels = [("loader alone", False), ("model.fit fed by the loader", True)]
+    tall = max(
+        sum(1 for r in rows if r["regime"] == g and r["variant"].startswith("fit: ") == fit)
+        for g in regimes
+        for _, fit in levels
+    )
+    fig, axes = plt.subplots(
+        len(levels), len(regimes), figsize=(6.5 * len(regimes), 2 * (1.2 + 0.28 * tall)),
+        squeeze=False,
+    )
+    for row, (level, fit) in enumerate(levels):
+        for col, regime in enumerate(regimes):
+            ax = axes[row][col]
+            mine = [
+                r for r in rows
+                if r["regime"] == regime and r["variant"].startswith("fit: ") == fit
+            ]
+            mine.sort(key=lambda r: r.get("median", 0))
+            names = [r["variant"].removeprefix("fit: ") for r in mine]
+            values = [r.get("median", 0) or 0 for r in mine]
+            ax.barh(
+                names, [max(v, 1) for v in values],
+                color=[_COLOURS[_family(r["variant"])] for r in mine],
             )
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("loader's own RAM, peak (MB, tree Pss_Anon + Pss_Shmem)")
-        ax.set_ylabel("images / s")
-        ax.set_title(f"{regime} regime")
-        ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+            for y, (r, v) in enumerate(zip(mine, values, strict=True)):
+                if "median" in r:
+                    ax.text(v, y, f" {v:,.0f}  ({r['peak_own_mb']:,.0f} MB)", va="center",
+                            fontsize=7)
+                else:
+                    why = "; ".join(sorted(set(r.get("errors", []))))[:40]
+                    ax.text(_X_MIN, y, f" failed: {why}", va="center", fontsize=7, color="red")
+            ax.set_xscale("log")
+            top = max([*values, 10])
+            ax.set_xlim(_X_MIN, top * 8)
+            ax.tick_params(axis="y", labelsize=8)
+            ax.set_title(f"{regime}: {level}", fontsize=10)
+            ax.set_xlabel("images / s (own RAM peak in brackets)", fontsize=8)
+            ax.grid(True, axis="x", which="major", alpha=0.3)
+    fig.legend(
+        handles=[Patch(color=c, label=f) for f, c in _COLOURS.items()],
+        loc="lower center", ncol=3, fontsize=8,
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return True
 
 
@@ -396,12 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a subset of the size's regimes (default: all of them)",
     )
-    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     for hidden in ("--child", "--regime", "--stores", "--src"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     p.add_argument("--px", type=int, help=argparse.SUPPRESS)
     p.add_argument("--cap", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.out = args.out or fresh_out()
     if args.child:
         child(args)
         return 0

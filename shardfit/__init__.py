@@ -60,11 +60,23 @@ __all__ = [
 ]
 
 
+#: The modules Keras imports for its backends.
+_BACKENDS = ("tensorflow", "jax", "jaxlib", "torch")
+
+
 def __getattr__(name: str) -> object:
     # Sequence needs Keras (and so TensorFlow): load it on first use only, so that packing
     # and reading never import them.
     if name == "Sequence":
-        from shardfit.keras._sequence import Sequence
-
+        try:
+            from shardfit.keras._sequence import Sequence
+        except ImportError as err:
+            if err.name is None or err.name.split(".")[0] not in _BACKENDS:
+                raise
+            raise ImportError(
+                f"shardfit.Sequence needs Keras with a backend, and Keras's backend "
+                f"{err.name.split('.')[0]!r} is not installed: pip install 'shardfit[tensorflow]' "
+                "(or [jax], [torch], with KERAS_BACKEND set to match)"
+            ) from err
         return Sequence
     raise AttributeError(f"module 'shardfit' has no attribute {name!r}")

@@ -8,7 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import REPO
+
+# each runs a benchmark end to end on tiny inputs: minutes together, so run by .ci/run's
+# `pytest -m slow` rather than the default suite
+pytestmark = pytest.mark.slow
 
 
 def run_benchmark(script: str, out: Path, *args: str, result: str | None = None) -> Any:

@@ -331,6 +331,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_processes_under_other_start_methods(store, method: str, tmp_path: Path) -> None:
     # A fresh interpreter: Keras cannot switch start methods once it has used process workers.

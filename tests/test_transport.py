@@ -309,7 +309,7 @@ def _nothing_left(r: dict) -> None:  # type: ignore[type-arg]
         assert len(r["ring_fds"]) <= 1 and r["leases"] <= 2 + 2, r
 
 
-@pytest.mark.parametrize("method", ["fork", "forkserver"])
+@pytest.mark.parametrize("method", ["fork", pytest.param("forkserver", marks=pytest.mark.slow)])
 def test_fit_through_shared_memory_sees_every_sample_and_leaves_nothing(
     store: Path, method: str
 ) -> None:
@@ -363,7 +363,7 @@ def test_fit_through_shared_memory_sees_every_sample_and_leaves_nothing(
     _nothing_left(killed)
 
 
-@pytest.mark.parametrize("method", ["fork", "forkserver"])
+@pytest.mark.parametrize("method", ["fork", pytest.param("forkserver", marks=pytest.mark.slow)])
 def test_ctrl_c_during_fit_leaves_no_worker_and_no_ring(store: Path, method: str) -> None:
     r = _run_child(method, store, "sigint", sigint=True)["sigint"]
     assert r["error"].startswith("KeyboardInterrupt")
