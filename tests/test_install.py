@@ -7,7 +7,6 @@ Slow (it installs from the package index): run by ``.ci/run`` with ``pytest -m s
 from __future__ import annotations
 
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
