@@ -68,7 +68,10 @@ def test_pillow_edge_corpus_packs_every_decodable_file(edge_folder: Path, tmp_pa
     )
     assert proc.returncode == 0, proc.stderr
     info = read_info(out)
-    stored = {str(p) for p in zarr.open_group(str(out), mode="r")["train/paths"][:]}
+    stored = {
+        bytes(p).rstrip(b"\0").decode()
+        for p in zarr.open_group(str(out), mode="r")["train/paths"][:]
+    }
     skipped = {d["path"]: d["reason"] for d in info.attrs["skipped"]}
     ignored = {d["path"]: d["reason"] for d in info.attrs["ignored"]}
     every = {str(p.relative_to(edge_folder)) for p in edge_folder.rglob("*") if p.is_file()}
@@ -93,7 +96,7 @@ def test_pillow_edge_16_bit_files_keep_their_range(edge_folder: Path, tmp_path: 
     out = tmp_path / "edge.zarr"
     pack_images(edge_folder, out, image_size=(16, 16), workers=2)
     root = zarr.open_group(str(out), mode="r")
-    paths = [str(p) for p in root["train/paths"][:]]
+    paths = [bytes(p).rstrip(b"\0").decode() for p in root["train/paths"][:]]
     i = next(k for k, p in enumerate(paths) if p.endswith("16bit.cropped.tif"))
     image = root["train/images"][i]
     # values 291-694 of 65535: dark, not clipped to white as convert("RGB") would

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -215,19 +214,27 @@ def write_arrays(
         chunks=(max(1, min(n, 1 << 18)),),
         compressors=None,
         fill_value=-1,
+        dimension_names=("sample",),
         overwrite=True,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zarr may flag the string dtype as not yet in the spec
-        pth = zarr.create_array(
-            store=store,
-            name=f"{split}/paths",
-            shape=(n,),
-            dtype=str,
-            chunks=(max(1, min(n, 1 << 16)),),
-            overwrite=True,
-        )
-        if n:
-            lab[:] = labels
-            pth[:] = np.asarray(paths, dtype=object)
+    # paths: UTF-8 bytes, NUL-padded to the longest, one row per sample. A uint8 array rather
+    # than zarr's "string" data type (vlen-utf8), which tensorstore and most non-Python Zarr v3
+    # readers cannot open.
+    encoded = [p.encode("utf-8") for p in paths]
+    width = max(1, max(map(len, encoded), default=0))
+    path_bytes = np.asarray(encoded, dtype=f"S{width}").view(np.uint8).reshape(n, width)
+    pth = zarr.create_array(
+        store=store,
+        name=f"{split}/paths",
+        shape=(n, width),
+        dtype="uint8",
+        chunks=(max(1, min(n, 1 << 16, (1 << 22) // width)), width),  # <= 4 MiB a chunk
+        fill_value=0,
+        dimension_names=("sample", "path_byte"),
+        attributes={"text_encoding": "utf-8, NUL-padded"},
+        overwrite=True,
+    )
+    if n:
+        lab[:] = labels
+        pth[:] = path_bytes
     return split_attrs

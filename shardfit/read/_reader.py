@@ -266,6 +266,17 @@ class SplitReader:
         self.read_into(idx, out)
         return out
 
+    def paths(self) -> list[str]:
+        """The source file of every sample, relative to the store's ``source_root`` attribute
+        (read with zarr on each call: for tracing samples back, not for the training loop)."""
+        import zarr
+
+        array = zarr.open_array(os.path.join(self.path, self.split, "paths"), mode="r")
+        stored = np.asarray(array[:])
+        if stored.ndim == 1:  # format version 1: zarr's string type
+            return [str(p) for p in stored]
+        return [bytes(row).rstrip(b"\0").decode("utf-8") for row in stored]
+
     def labels(self) -> npt.NDArray[np.int32]:
         """All labels of the split (read once per process)."""
         opened = self._handles()

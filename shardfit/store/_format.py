@@ -15,6 +15,7 @@ __all__ = [
     "DTYPES",
     "FORMAT_VERSION",
     "PARTIAL_SUFFIX",
+    "READABLE_VERSIONS",
     "STATE_DIR",
     "DatasetInfo",
     "SplitInfo",
@@ -25,8 +26,11 @@ __all__ = [
 #: Stored pixel types and chunk codecs this version of the format defines (FORMAT.md).
 DTYPES: tuple[str, ...] = ("float32", "uint8")
 COMPRESSIONS: tuple[str, ...] = ("none", "zstd", "blosc-lz4")
-#: Version of the layout described in FORMAT.md; readers refuse other versions.
-FORMAT_VERSION = 1
+#: Version of the layout described in FORMAT.md, written by this shardfit.
+FORMAT_VERSION = 2
+#: Versions this shardfit reads: version 1 differs only in how ``paths`` is stored, which the
+#: reader does not read.
+READABLE_VERSIONS = (1, 2)
 #: Key of shardfit's attributes in the root group's (and each split group's) zarr attributes.
 ATTRS_KEY = "shardfit"
 #: A pack is built in ``OUT + PARTIAL_SUFFIX`` and renamed to ``OUT`` only once complete.
@@ -121,10 +125,11 @@ def read_info(path: str | os.PathLike[str]) -> DatasetInfo:
         raise DatasetFormatError(f"{p} does not exist: pack a folder with tools/pack_images.py")
     attrs = _load_attrs(p)
     version = attrs.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise DatasetFormatError(
-            f"{p} has shardfit format version {version!r}; this shardfit reads version "
-            f"{FORMAT_VERSION}: re-pack it with this version, or install the shardfit that wrote it"
+            f"{p} has shardfit format version {version!r}; this shardfit reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}: re-pack it with this version, or install "
+            "the shardfit that wrote it"
         )
     if attrs.get("complete") is not True:
         raise IncompleteDatasetError(
