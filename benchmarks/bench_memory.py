@@ -10,7 +10,8 @@ script samples the process tree (the training process and shardfit's worker proc
 The loader's own memory is the peak, during fit, of the tree's Pss_Anon + Pss_Shmem minus the
 same sum just before fit (TensorFlow, the model and the dataset object are there already);
 page cache of the mapped shards (Pss_File) is reported apart. The bound to meet is
-(max_queue_size + workers + 2) x batch bytes + 150 MB.
+(max_queue_size + 2 x workers + 2) x batch bytes + 150 MB: the shared-memory ring's slots
+(batches read ahead, one being built and one waiting per worker, the model's) and the rest.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child)
         return 0
     batch_bytes = BATCH * SIZE * SIZE * 3 * 4
-    bound = (QUEUE + WORKERS + 2) * batch_bytes + 150e6
+    bound = (QUEUE + 2 * WORKERS + 2) * batch_bytes + 150e6
     rows = []
     with tempfile.TemporaryDirectory(prefix="shardfit-bench-mem-", dir=args.tmp) as tmp:
         for n in args.sizes:
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Memory under fit, Sequence(batch_size={BATCH}, workers={WORKERS}, "
         f"use_multiprocessing=True, max_queue_size={QUEUE}), 224x224x3 float32, "
-        f"{time.strftime('%Y-%m-%d %H:%M')}. Bound: ({QUEUE} + {WORKERS} + 2) x "
+        f"{time.strftime('%Y-%m-%d %H:%M')}. Bound: ({QUEUE} + 2 x {WORKERS} + 2) x "
         f"{batch_bytes / 1e6:.1f} MB + 150 MB = {bound / 1e6:.0f} MB.",
         "",
         "| dataset | epoch | loader's own RAM (peak - baseline) | within bound | mapped files "

@@ -98,6 +98,9 @@ class Boom(RuntimeError):
 
 
 def main() -> None:
+    # Ctrl-C must raise KeyboardInterrupt here as in a terminal, even when this test runs in a
+    # background job (whose shell starts its children with SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from test_sequence import _EpochMarks, _recording_model
 
     from shardfit import Sequence

@@ -68,14 +68,21 @@ def _cursor(**kw: object) -> EpochCursor:
     return EpochCursor(**args)  # type: ignore[arg-type]
 
 
-def _replay(cursor: EpochCursor, events: list[object]) -> list[int]:
-    epochs = []
+def _served(cursor: EpochCursor, events: list[object]) -> list[tuple[int, int]]:
+    """Replay ``events``; return ``(epoch, batch)`` served for each request."""
+    served = []
     for e in events:
         if e == "end":
             cursor.epoch_end()
-        elif e != "begin":
-            epochs.append(cursor.request(int(e)).epoch)  # type: ignore[call-overload]
-    return epochs
+        elif e == "begin":
+            cursor.epoch_begin()
+        else:
+            served.append(cursor.request(int(e)).key)  # type: ignore[call-overload]
+    return served
+
+
+def _replay(cursor: EpochCursor, events: list[object]) -> list[int]:
+    return [epoch for epoch, _ in _served(cursor, events)]
 
 
 @pytest.mark.parametrize("pattern", sorted(RECORDED))
@@ -89,15 +96,52 @@ def test_each_recorded_keras_pattern_serves_every_batch_once_per_epoch(pattern: 
     assert cursor.epoch == AFTER[pattern]
 
 
-def test_requests_carry_the_plan_and_the_next_batch_to_read_ahead() -> None:
+@pytest.mark.parametrize("pattern", sorted(RECORDED))
+def test_within_an_epoch_the_plan_is_served_in_order_whatever_index_keras_asks(
+    pattern: str,
+) -> None:
+    events = RECORDED[pattern]
+    served = _served(_cursor(), events)
+    inside = []
+    within = False
+    for e in events:  # which requests were made between begin and end
+        if e in ("begin", "end"):
+            within = e == "begin"
+        else:
+            inside.append(within)
+    streamed = [key for key, is_in in zip(served, inside, strict=True) if is_in]
+    assert [b for _, b in streamed] == [i % 4 for i in range(len(streamed))]
+
+
+def test_fit_with_keras_shuffle_and_without_serve_the_same_batches() -> None:
+    shuffled = _served(_cursor(), RECORDED["fit(epochs=2, shuffle=True)"])
+    plain = _served(_cursor(), RECORDED["fit(epochs=2, shuffle=False)"])
+    assert shuffled[2:] == plain[2:] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2),
+                                         (1, 3)]
+
+
+def test_requests_carry_the_plan_and_upcoming_batches_cross_into_the_next_epoch() -> None:
     cursor = _cursor()
     order = cursor.order(0)
-    req = cursor.request(1)
-    assert req.epoch == 0 and req.index == 1
+    req = cursor.request(1)  # outside an epoch: by index, moving nothing
+    assert req.key == (0, 1) and not req.streamed
     np.testing.assert_array_equal(req.samples, order[4:8])
-    np.testing.assert_array_equal(req.ahead, order[8:12])
-    assert cursor.request(3).ahead.size == 0  # nothing after the last batch
+    assert cursor.upcoming(3) == []  # nothing is read ahead outside an epoch
+    cursor.epoch_begin()
+    for _ in range(3):
+        cursor.request(0)
+    assert [r.key for r in cursor.upcoming(3)] == [(0, 3), (1, 0), (1, 1)]
+    np.testing.assert_array_equal(cursor.upcoming(2)[1].samples, cursor.order(1)[:4])
     assert sorted(np.concatenate([cursor.samples(i, 0) for i in range(4)])) == list(range(16))
+
+
+def test_steps_per_epoch_below_the_length_walks_on_through_the_plan() -> None:
+    # fit(steps_per_epoch=3) on 4 batches: Keras keeps one iterator across its epochs
+    cursor = _cursor()
+    events = [0, 1, "end"] + ["begin", 0, 1, 2, "end"] * 3
+    assert _served(cursor, events)[2:] == [
+        (0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3), (2, 0)
+    ]
 
 
 def test_keras_process_pool_counts_epochs_by_hook_calls() -> None:

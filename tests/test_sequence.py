@@ -194,15 +194,17 @@ class _EpochMarks(keras.callbacks.Callback):  # type: ignore[misc]
         self.starts[epoch] = len(self.model.seen)
 
 
-def fit_and_record(seq, epochs: int, initial_epoch: int = 0, shuffle: bool = True, **fit_kw):  # type: ignore[no-untyped-def]
-    """Run a real fit; return {epoch: [index encoded by each sample, in arrival order]}."""
+def fit_and_record(seq, epochs: int, initial_epoch: int = 0, shuffle: bool | None = True, **fit_kw):  # type: ignore[no-untyped-def]
+    """Run a real fit; return {epoch: [index encoded by each sample, in arrival order]}.
+    ``shuffle=None`` leaves fit's argument to Keras's default."""
     model = _recording_model(3)
     marks = _EpochMarks()
+    if shuffle is not None:
+        fit_kw["shuffle"] = shuffle
     model.fit(
         seq,
         epochs=epochs,
         initial_epoch=initial_epoch,
-        shuffle=shuffle,
         verbose=0,
         callbacks=[marks],
         **fit_kw,
@@ -233,8 +235,33 @@ def test_fit_sees_every_sample_once_per_epoch_in_a_new_shard_order(store, mode: 
     assert sorted(seen) == [0, 1, 2]
     for epoch, indices in seen.items():
         assert sorted(indices) == expected, f"epoch {epoch}: not every sample exactly once"
-    # batches come in Keras's shuffled order, but the samples in each batch follow the plan
-    assert len({tuple(v) for v in seen.values()}) == 3
+    assert len({tuple(v) for v in seen.values()}) == 3  # a new order every epoch
+
+
+def _plan_order(path: Path, seed: int, epoch: int) -> list[int]:
+    """The sample indices epoch ``epoch`` of Sequence(seed=seed, batch_size=8) holds, in order."""
+    import shardfit
+
+    reader = shardfit.open_split(path, "train")
+    order = shardfit.epoch_order(
+        reader.count, reader.shard_size, seed=seed, epoch=epoch, shuffle=True, window=4
+    )
+    return stored_index(path, "train")[order].tolist()
+
+
+@pytest.mark.parametrize("mode", ["in-process", "threads", "processes"])
+def test_fit_with_keras_default_shuffle_trains_on_shardfits_plan_in_order(
+    store, mode: str
+) -> None:
+    # fit's default shuffle=True draws a batch order from Python's global random, unseeded:
+    # two fits in one process draw two different ones. shardfit serves its own plan anyway.
+    path, _ = store
+    runs = [
+        fit_and_record(Sequence(path, batch_size=8, seed=4, **MODES[mode]), epochs=3, shuffle=s)
+        for s in (None, None, False)
+    ]
+    assert runs[0] == runs[1] == runs[2]
+    assert [runs[0][e] for e in range(3)] == [_plan_order(path, 4, e) for e in range(3)]
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -397,6 +424,49 @@ class _HookCounter(keras.utils.PyDataset):  # type: ignore[misc]
 
     def on_epoch_end(self) -> None:
         self.ends += 1
+
+
+class _CallRecorder(keras.utils.PyDataset):  # type: ignore[misc]
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.log: list[object] = []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
+        self.log.append(int(i))
+        return np.full((2, 3), i, np.float32), np.zeros((2,), np.float32)
+
+    def on_epoch_begin(self) -> None:
+        self.log.append("begin")
+
+    def on_epoch_end(self) -> None:
+        self.log.append("end")
+
+
+def test_keras_asks_for_every_trained_batch_within_its_epoch_hooks() -> None:
+    # EpochCursor's stream relies on this Keras 3.15 behaviour for a PyDataset without workers
+    # (what shardfit shows Keras): outside on_epoch_begin .. on_epoch_end, only the tensor
+    # signature probe (batches 0 and 1, before the first epoch); within, one request per
+    # batch trained, none early for the next epoch (TensorFlow's prefetch starts on the
+    # epoch's first step). Pinned with a compiled model and many batches.
+    data = _CallRecorder(40)
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model.compile("sgd", "mse")
+    model.fit(data, epochs=3, verbose=0)
+    log = data.log
+    assert log[:4] == [0, 1, "end", "begin"]
+    hooks = [k for k, e in enumerate(log) if e in ("begin", "end")]
+    between = [(log[i], log[i + 1 : j]) for i, j in itertools.pairwise(hooks)]
+    epochs = [requests for hook, requests in between if hook == "begin"]
+    assert len(epochs) == 3
+    for requests in epochs:
+        assert sorted(requests) == list(range(40))  # type: ignore[type-var]
+    assert all(not requests for hook, requests in between if hook == "end")
+    assert hooks[-1] == len(log) - 1 and log[-1] == "end"
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -26,7 +26,8 @@ from shardfit._options import merge_options
 from shardfit.errors import InvalidOptionError
 from shardfit.read._batch import BatchMaker
 from shardfit.read._buffers import BufferPool
-from shardfit.read._order import EpochCursor
+from shardfit.read._order import EpochCursor, Request
+from shardfit.read._prefetch import Prefetcher
 from shardfit.read._reader import SplitReader
 from shardfit.read._workers import WorkerPool
 from shardfit.read.options import Mode, SequenceOptions, build_mode
@@ -39,21 +40,19 @@ def _keras_arguments(options: SequenceOptions, mode: Mode) -> dict[str, Any]:
     """What Keras's ``PyDataset`` is told (and so what ``seq.workers`` and
     ``seq.use_multiprocessing`` read), the one place where it differs from what was passed.
 
-    With shardfit's own worker processes, Keras must not start its process pool: it is shown a
-    dataset fed by two of its threads per shardfit process instead, so that each process has its
-    next request waiting while it builds the current one.
+    shardfit serves its epoch plan in order and reads ahead along it with threads and processes
+    of its own, so Keras is shown a dataset without workers: Keras's thread pool would call
+    ``__getitem__`` from several threads in an order that varies from run to run, and its process
+    pool would pickle every batch. Only ``shared_memory=False`` hands the batches to Keras's own
+    process pool, as it asks.
     """
-    if mode == "processes":
+    if mode == "keras-processes":
         return {
-            "workers": 2 * options.workers,
-            "use_multiprocessing": False,
+            "workers": options.workers,
+            "use_multiprocessing": True,
             "max_queue_size": options.max_queue_size,
         }
-    return {
-        "workers": options.workers,
-        "use_multiprocessing": options.use_multiprocessing,
-        "max_queue_size": options.max_queue_size,
-    }
+    return {"workers": 1, "use_multiprocessing": False, "max_queue_size": options.max_queue_size}
 
 
 class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
@@ -75,17 +74,23 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
             ``(seed, epoch, batch index)``: see :mod:`shardfit.transforms`.
 
     ``seq.options`` reads back what was passed and ``seq.mode`` says where batches are built:
-    ``"in-process"``, ``"threads"`` (``workers > 1``), ``"processes"`` (shardfit's own
-    ``workers`` processes, with ``use_multiprocessing=True``) or ``"keras-processes"``
-    (``shared_memory=False``). Keras's own attributes (``seq.workers``,
-    ``seq.use_multiprocessing``) read what Keras is told: with shardfit's processes, twice as
-    many threads and no multiprocessing.
+    ``"in-process"``, ``"threads"`` (``workers > 1``: shardfit's own threads), ``"processes"``
+    (shardfit's own ``workers`` processes, with ``use_multiprocessing=True``) or
+    ``"keras-processes"`` (``shared_memory=False``). Keras's own attributes (``seq.workers``,
+    ``seq.use_multiprocessing``) read what Keras is told: no workers, but with
+    ``shared_memory=False``.
+
+    Under ``fit``, ``evaluate`` and ``predict``, batches are served in the order of shardfit's
+    epoch plan, whatever order Keras asks for them in (``fit(shuffle=True)``, Keras's default,
+    changes nothing), and the next ``max_queue_size`` batches of the plan are read ahead: by
+    shardfit's threads or processes, or in-process by telling the kernel which bytes come next.
+    ``seq[i]`` outside an epoch gives batch ``i`` of the current epoch.
 
     The object pickles to a few KB whatever the dataset's size; files are opened lazily in each
     process that reads.
 
     With worker processes, the first batch asked for starts them and reserves
-    ``max_queue_size + workers + 2`` batch-sized slots of shared memory in ``/dev/shm`` (or
+    ``max_queue_size + 2 x workers + 2`` batch-sized slots of shared memory in ``/dev/shm`` (or
     ``$SHARDFIT_SHM_DIR``); both are held until :meth:`close`, or until the Sequence is
     garbage. A worker that dies (killed, out of memory) makes the batch request fail with
     :class:`~shardfit.errors.WorkerCrashedError`, so ``fit`` stops instead of hanging; the next
@@ -132,8 +137,10 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         )
         self._buffers: tuple[int, BufferPool] | None = None
         self._procs: WorkerPool | None = None
+        self._prefetch: Prefetcher | None = None
+        self._hinted: set[tuple[int, int]] = set()  # upcoming batches whose reads were asked
         self._lock = threading.Lock()
-        self._pid = os.getpid()  # the process that may start worker processes
+        self._pid = os.getpid()  # the process that may start threads and worker processes
 
     # -- what Keras and users see ------------------------------------------------------------
 
@@ -164,17 +171,59 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
 
     def __getitem__(self, index: int) -> Any:
         req = self._cursor.request(index)
+        if req.streamed and os.getpid() == self._pid:
+            upcoming = self._cursor.upcoming(self.options.max_queue_size)
+            self._hint(upcoming)
+            prefetch = self._prefetcher()
+            if prefetch is not None:
+                return prefetch.get(req, upcoming)
+        return self._build(req)
+
+    def _build(self, req: Request) -> tuple[Any, ...]:
+        """The batch of ``req``: by a worker process (with processes), or here."""
         workers = self._worker_pool()
         if workers is not None:
-            images = workers.images(req.samples, req.epoch, req.index, req.ahead)
+            images = workers.images(req.samples, req.epoch, req.index)
         else:
-            images = self._maker.images(req.samples, req.epoch, req.index, self._buffer, req.ahead)
+            images = self._maker.images(req.samples, req.epoch, req.index, self._buffer)
         return (images, *self._labels(req.samples))
 
+    def _hint(self, upcoming: list[Request]) -> None:
+        """Ask the kernel to start reading the batches that will be asked for next, each once
+        (only with ``pread`` I/O: mapped shards are read ahead by the kernel itself)."""
+        if self._reader.io_mode != "pread":
+            return
+        for req in upcoming:
+            if req.key not in self._hinted:
+                self._reader.will_need(req.samples)
+        self._hinted = {req.key for req in upcoming}
+
+    def _prefetcher(self) -> Prefetcher | None:
+        """shardfit's read-ahead threads, started on first use: ``workers`` threads building
+        batches here, or two per worker process handing them to the processes (so that each
+        process has its next batch waiting while it builds one); none in-process."""
+        if self.mode not in ("threads", "processes"):
+            return None
+        prefetch = self._prefetch
+        if prefetch is None:
+            with self._lock:
+                if self._prefetch is None:
+                    threads = self.options.workers * (2 if self.mode == "processes" else 1)
+                    self._prefetch = Prefetcher(
+                        self._build, threads, self.options.max_queue_size
+                    )
+                prefetch = self._prefetch
+        return prefetch
+
     def close(self) -> None:
-        """End the worker processes and give back the shared-memory ring now (both also go
-        when the Sequence is garbage). Batches still held keep their memory until dropped.
-        Batches asked for after this fail, until a new epoch begins (a new ``fit``)."""
+        """End the read-ahead threads and worker processes and give back the shared-memory ring
+        now (all also go when the Sequence is garbage). Batches still held keep their memory
+        until dropped. Batches asked for after this fail, until a new epoch begins (a new
+        ``fit``)."""
+        with self._lock:
+            prefetch, self._prefetch = self._prefetch, None
+        if prefetch is not None:
+            prefetch.close()
         workers = self._procs  # stays, closed, so that late requests fail, not restart it
         if workers is not None:
             workers.close()
@@ -201,6 +250,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
                 if self._procs is workers:
                     self._procs = None
             workers.close()
+        self._cursor.epoch_begin()
 
     def on_epoch_end(self) -> None:
         self._cursor.epoch_end()
@@ -210,9 +260,9 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
     def _buffer(self, shape: tuple[int, ...]) -> npt.NDArray[np.float32]:
         pool = self._buffers
         if pool is None or pool[0] != os.getpid():
-            # enough for every batch Keras can hold at once: its queue, its workers, and the
-            # batch being trained on; a batch still referenced anywhere is never reused
-            capacity = self.max_queue_size + max(self.workers, 1) + 2
+            # enough for the batches read ahead, those being built, and the one trained on; a
+            # batch still referenced anywhere (TensorFlow's own prefetch) is never reused
+            capacity = self.options.max_queue_size + self.options.workers + 2
             pool = self._buffers = (os.getpid(), BufferPool(capacity))
         return pool[1].array(shape, np.float32)
 
@@ -230,9 +280,9 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
                 self._procs = WorkerPool(
                     self._maker,
                     self.options.workers,
-                    # Keras holds at most max_queue_size + 1 batches (its queue, and one more
-                    # submitted while it waits for room), the model one or two
-                    slots=self.options.max_queue_size + self.options.workers + 2,
+                    # the batches read ahead, one being built by each worker and one waiting
+                    # for each, the model's one or two
+                    slots=self.options.max_queue_size + 2 * self.options.workers + 2,
                     slot_bytes=self.options.batch_size * per_image,
                 )
             return self._procs
@@ -256,7 +306,9 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         state = self.__dict__.copy()
         del state["_lock"]
         state["_buffers"] = None
-        state["_procs"] = None  # processes and shared memory stay with their owner
+        state["_procs"] = None  # threads, processes and shared memory stay with their owner
+        state["_prefetch"] = None
+        state["_hinted"] = set()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

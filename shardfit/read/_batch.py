@@ -57,15 +57,11 @@ class BatchMaker:
         epoch: int,
         index: int,
         out: Callable[[tuple[int, ...]], npt.NDArray[np.float32]],
-        ahead: npt.NDArray[np.int64] | None = None,
     ) -> npt.NDArray[Any]:
         """The images of batch ``index`` of ``epoch``: ``samples`` read into ``out(shape)``,
-        then transformed (the result may be ``out``'s array or a new one). ``ahead``: samples
-        of a batch likely asked for next, which the disk may start reading now."""
+        then transformed (the result may be ``out``'s array or a new one)."""
         images = out((samples.size, *self.reader.image_shape))
         self.reader.read_into(samples, images)
-        if ahead is not None and ahead.size:
-            self.reader.will_need(ahead)
         if self.transform is None:
             return images
         result = self.transform(images, transform_rng(self.seed, epoch, index))

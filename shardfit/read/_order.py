@@ -1,28 +1,35 @@
 """Which samples are served for each batch request, and which epoch a request belongs to.
 
-Keras never tells a dataset which epoch it serves. :class:`EpochCursor` works it out from what
-the dataset sees: batch requests (``request``) and the end-of-epoch hook (``epoch_end``). It is
-Keras-free, so its rules are tested against recorded Keras call patterns without a framework
-(``tests/test_order.py``); the Keras adapter only forwards calls to it.
+Keras never tells a dataset which epoch it serves, and ``fit(shuffle=True)`` (its default) asks
+for a finite ``PyDataset``'s batches in an order drawn from Python's global, unseeded ``random``.
+:class:`EpochCursor` makes the order shardfit's own: while an epoch is under way (between
+``epoch_begin`` and ``epoch_end``), the n-th request is served the n-th batch of the epoch plan,
+whatever index Keras asked for; after the last batch of a pass, the next request is the first
+batch of the next epoch's plan. So ``fit`` trains on the plan in order, the same with
+``shuffle=True`` or ``False``, in any run with the same seed, and what is read ahead is what is
+served next. Requests made outside an epoch (Keras's probes, a user's ``seq[i]``) are served
+batch ``index`` of the current epoch and move nothing.
+
+The cursor is Keras-free, so its rules are tested against recorded Keras call patterns without
+a framework (``tests/test_order.py``); the Keras adapter only forwards calls to it.
 
 What Keras 3.15 does, and so what the rules are built around (docs/design.md, "How Keras runs a
 PyDataset"; pinned under real ``fit`` by ``tests/test_sequence.py``):
 
-- ``on_epoch_end`` runs once more than there are epochs (once before the first), and
-  ``on_epoch_begin`` races with Keras's process workers, so neither counts epochs by itself.
 - Before the first epoch, the TensorFlow backend asks for batches 0 and 1 to build its tensor
-  signature, and throws them away.
-- With TensorFlow's prefetch and no workers, the next epoch's first batches may be asked for
-  before ``on_epoch_end`` of the one before.
+  signature, and throws them away; ``fit`` and ``evaluate`` then call ``on_epoch_end`` once
+  before the first ``on_epoch_begin``.
+- Every batch trained on is asked for between ``on_epoch_begin`` and ``on_epoch_end``, in the
+  order it is trained on: Keras's own iterator (and TensorFlow's prefetch behind it) asks for
+  one batch at a time. shardfit shows Keras no workers of its own (see
+  ``shardfit.keras._sequence``), so no Keras thread pool can reorder requests.
 
-The rules, when requests are seen by the process that owns the cursor (every mode but Keras's
-own process pool): the epoch advances when an index is asked for a second time after every
-index of the epoch has been served, or at ``epoch_end`` once they all have, whichever comes
-first (so early prefetches land in the right epoch and extra hook calls change nothing); batches
-asked for before an epoch and thrown away are forgotten at the next ``epoch_end``. In Keras's
-process pool, batches are built in processes that Keras forks anew for every epoch from the
-owner's state after ``on_epoch_end``: there the owner counts the hook calls (the first comes
-before epoch 0), and each copy serves the epoch it was forked with.
+A loop that asks for batches without ``on_epoch_begin`` (``train_on_batch`` with a hand-written
+loop) is served by index: there the epoch advances when an index is asked for a second time after
+every index of the epoch has been served, or at ``epoch_end`` once they all have. In Keras's own
+process pool (``shared_memory=False``), batches are built in processes that Keras forks anew for
+every epoch; there the owner counts the hook calls (the first comes before epoch 0), each copy
+serves the epoch it was forked with, and the batch order is Keras's.
 """
 
 from __future__ import annotations
@@ -42,17 +49,26 @@ __all__ = ["EpochCursor", "Request"]
 
 @dataclass(frozen=True)
 class Request:
-    """One batch to serve: batch ``index`` of ``epoch`` holds ``samples``; ``ahead`` are the
-    samples of the plan's next batch (worth reading ahead)."""
+    """One batch to serve: batch ``index`` of epoch ``epoch`` holds ``samples``.
+
+    Attributes:
+        streamed: the batch was taken from the epoch's stream (the cursor moved on); ``False``
+            for a request outside an epoch, which moves nothing.
+    """
 
     epoch: int
     index: int
     samples: npt.NDArray[np.int64]
-    ahead: npt.NDArray[np.int64]
+    streamed: bool = False
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """``(epoch, index)``: where the batch lies in the stream of epochs."""
+        return self.epoch, self.index
 
 
 class EpochCursor:
-    """The epoch plan of one split and the bookkeeping of which epoch requests belong to.
+    """The epoch plans of one split, and where the stream of batches stands.
 
     Args:
         num_samples: samples in the split.
@@ -63,7 +79,7 @@ class EpochCursor:
         count_hooks: count epochs by ``epoch_end`` calls (Keras's own process pool builds the
             batches, so requests are not seen here).
 
-    Thread-safe. Pickles to a few numbers: the plan is recomputed where it is needed.
+    Thread-safe. Pickles to a few numbers: plans are recomputed where they are needed.
     """
 
     def __init__(
@@ -88,10 +104,12 @@ class EpochCursor:
         self.count_hooks = count_hooks
         self.length = batch_count(num_samples, batch_size, drop_remainder)
         self._epoch = initial_epoch
+        self._position = 0  # the next batch of the epoch's stream
+        self._inside = False  # between epoch_begin and epoch_end
         self._hook_calls = 0
-        self._served: set[int] = set()
-        self._early = False  # the current epoch began before the hook that ends the last one
-        self._plan: tuple[int, npt.NDArray[np.int64]] | None = None
+        self._served: set[int] = set()  # requests by index outside an epoch, this epoch
+        self._early = False  # an index loop began this epoch before the hook ending the last
+        self._plans: dict[int, npt.NDArray[np.int64]] = {}
         self._lock = threading.Lock()
         self._pid = os.getpid()  # the process whose requests count
 
@@ -100,20 +118,28 @@ class EpochCursor:
         """The epoch the next requests belong to (as this process sees it)."""
         return self._epoch
 
+    @property
+    def position(self) -> int:
+        """How many batches of the current epoch have been taken from the stream."""
+        return self._position
+
     def order(self, epoch: int) -> npt.NDArray[np.int64]:
         """Every sample index, in the order epoch ``epoch`` visits them."""
-        plan = self._plan
-        if plan is not None and plan[0] == epoch:
-            return plan[1]
-        order = epoch_order(
-            self.num_samples,
-            self.shard_size,
-            seed=self.seed,
-            epoch=epoch,
-            shuffle=self.shuffle,
-            window=self.window,
-        )
-        self._plan = (epoch, order)
+        order = self._plans.get(epoch)
+        if order is None:
+            order = epoch_order(
+                self.num_samples,
+                self.shard_size,
+                seed=self.seed,
+                epoch=epoch,
+                shuffle=self.shuffle,
+                window=self.window,
+            )
+            # the stream needs the current epoch's plan and the next one's (read-ahead crosses
+            # into it): keep those two
+            for old in [e for e in self._plans if e < epoch - 1]:
+                self._plans.pop(old, None)
+            self._plans[epoch] = order
         return order
 
     def samples(self, index: int, epoch: int) -> npt.NDArray[np.int64]:
@@ -122,7 +148,7 @@ class EpochCursor:
         return self.order(epoch)[index * bs : (index + 1) * bs]
 
     def request(self, index: int) -> Request:
-        """What to serve for batch ``index`` asked for now; counts the request.
+        """What to serve for a request of batch ``index`` now; counts the request.
 
         Raises:
             IndexError: ``index`` is not in ``[0, length)``.
@@ -130,15 +156,41 @@ class EpochCursor:
         if not isinstance(index, int | np.integer) or not 0 <= index < self.length:
             raise IndexError(f"batch index must be in [0, {self.length}). Received: {index!r}")
         index = int(index)
-        epoch = self._count(index)
-        order = self.order(epoch)
-        bs = self.batch_size
-        return Request(
-            epoch,
-            index,
-            order[index * bs : (index + 1) * bs],
-            order[(index + 1) * bs : (index + 2) * bs],
-        )
+        if os.getpid() != self._pid:
+            # a copy in Keras's pool worker: the owner set the epoch before the fork
+            return Request(self._epoch, index, self.samples(index, self._epoch))
+        with self._lock:
+            if self._inside and not self.count_hooks:
+                epoch, position = self._epoch, self._position
+                self._position += 1
+                if self._position == self.length:
+                    self._epoch += 1
+                    self._position = 0
+                return Request(epoch, position, self.samples(position, epoch), streamed=True)
+            epoch = self._count_by_index(index)
+        return Request(epoch, index, self.samples(index, epoch))
+
+    def upcoming(self, count: int) -> list[Request]:
+        """The next ``count`` batches the stream will serve, in order (crossing into the next
+        epoch's plan); none outside an epoch."""
+        with self._lock:
+            if not self._inside or self.count_hooks:
+                return []
+            epoch, position = self._epoch, self._position
+        out = []
+        for _ in range(min(count, self.length)):
+            out.append(Request(epoch, position, self.samples(position, epoch), streamed=True))
+            position += 1
+            if position == self.length:
+                epoch, position = epoch + 1, 0
+        return out
+
+    def epoch_begin(self) -> None:
+        """The consumer's start-of-epoch hook ran (Keras's ``on_epoch_begin``)."""
+        with self._lock:
+            self._inside = True
+            self._served.clear()  # probes asked for before the epoch do not count
+            self._early = False
 
     def epoch_end(self) -> None:
         """The consumer's end-of-epoch hook ran (Keras's ``on_epoch_end``)."""
@@ -147,6 +199,8 @@ class EpochCursor:
             if self.count_hooks:
                 if self._hook_calls > 1:  # the first call comes before epoch 0
                     self._next_epoch()
+            elif self._inside:
+                self._inside = False  # the stream goes on where it stands
             elif len(self._served) == self.length:
                 self._next_epoch()
             elif not self._early:
@@ -157,22 +211,20 @@ class EpochCursor:
 
     def _next_epoch(self) -> None:
         self._epoch += 1
+        self._position = 0
         self._served.clear()
 
-    def _count(self, index: int) -> int:
-        if os.getpid() != self._pid:
-            return self._epoch  # a copy in Keras's pool worker: the owner set it before the fork
-        with self._lock:
-            if index in self._served and len(self._served) == self.length:
-                self._next_epoch()  # a new pass began before epoch_end said so
-                self._early = True
-            self._served.add(index)
-            return self._epoch
+    def _count_by_index(self, index: int) -> int:
+        if index in self._served and len(self._served) == self.length:
+            self._next_epoch()  # a new pass began before epoch_end said so
+            self._early = True
+        self._served.add(index)
+        return self._epoch
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_lock"]
-        state["_plan"] = None  # recomputed where needed; it grows with the dataset
+        state["_plans"] = {}  # recomputed where needed; they grow with the dataset
         state["_served"] = set()
         return state
 

@@ -126,11 +126,9 @@ class WorkerPool:
         samples: npt.NDArray[np.int64],
         epoch: int,
         index: int,
-        ahead: npt.NDArray[np.int64] | None = None,
     ) -> npt.NDArray[Any]:
         """Batch ``index`` of ``epoch`` (the images of ``samples``), built by a worker: an array
-        viewing a ring slot, or a plain array when no slot came free in time. ``ahead``: as
-        :meth:`BatchMaker.images`.
+        viewing a ring slot, or a plain array when no slot came free in time.
 
         Raises:
             WorkerCrashedError: a worker died (this one's or an earlier request's).
@@ -145,8 +143,7 @@ class WorkerPool:
         slot = self.ring.claim(_SLOT_WAIT_S)
         ticket = object()
         try:
-            answer = self._ask(w, ticket, (-1 if slot is None else slot, samples, epoch, index,
-                                           ahead))
+            answer = self._ask(w, ticket, (-1 if slot is None else slot, samples, epoch, index))
         except (EOFError, OSError):
             if slot is not None:
                 self.ring.give_back(slot)
@@ -308,12 +305,11 @@ def _build(
     samples: npt.NDArray[np.int64],
     epoch: int,
     index: int,
-    ahead: npt.NDArray[np.int64] | None,
 ) -> tuple[Any, ...]:
     if slot < 0:
-        return ("array", maker.images(samples, epoch, index, _fresh, ahead))
+        return ("array", maker.images(samples, epoch, index, _fresh))
     images = maker.images(
-        samples, epoch, index, lambda shape: ring.array(slot, shape, np.float32), ahead
+        samples, epoch, index, lambda shape: ring.array(slot, shape, np.float32)
     )
     if not ring.fits(images.nbytes):
         return ("array", images)  # a transform made it larger than a slot
