@@ -28,10 +28,12 @@ from shardfit.read._reader import SplitReader, open_split
 from shardfit.read.options import SequenceOptions
 from shardfit.store._format import DatasetInfo, SplitInfo, read_info, shard_path
 
-if TYPE_CHECKING:  # imported lazily at run time: Sequence needs Keras
+if TYPE_CHECKING:  # imported lazily at run time: they need Keras and its backend
+    from shardfit.keras._callbacks import BackupAndRestore
     from shardfit.keras._sequence import Sequence
 
 __all__ = [
+    "BackupAndRestore",
     "DatasetFormatError",
     "DatasetInfo",
     "ImageDecodeError",
@@ -60,23 +62,25 @@ __all__ = [
 ]
 
 
+#: Public names loaded on first use, from shardfit.keras.
+_NEED_KERAS = ("BackupAndRestore", "Sequence")
 #: The modules Keras imports for its backends.
 _BACKENDS = ("tensorflow", "jax", "jaxlib", "torch")
 
 
 def __getattr__(name: str) -> object:
-    # Sequence needs Keras (and so TensorFlow): load it on first use only, so that packing
-    # and reading never import them.
-    if name == "Sequence":
+    # Sequence and BackupAndRestore need Keras and its backend: load them on first use only,
+    # so that packing and reading never import them.
+    if name in _NEED_KERAS:
         try:
-            from shardfit.keras._sequence import Sequence
+            from shardfit.keras import _callbacks, _sequence
         except ImportError as err:
             if err.name is None or err.name.split(".")[0] not in _BACKENDS:
                 raise
             raise ImportError(
-                f"shardfit.Sequence needs Keras with a backend, and Keras's backend "
+                f"shardfit.{name} needs Keras with a backend, and Keras's backend "
                 f"{err.name.split('.')[0]!r} is not installed: pip install 'shardfit[tensorflow]' "
                 "(or [jax], [torch], with KERAS_BACKEND set to match)"
             ) from err
-        return Sequence
+        return getattr(_sequence if name == "Sequence" else _callbacks, name)
     raise AttributeError(f"module 'shardfit' has no attribute {name!r}")

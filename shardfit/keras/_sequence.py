@@ -167,7 +167,35 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         return [] if pool is None or pool.broken else pool.pids
 
     def __len__(self) -> int:
+        # the whole epoch, except right after resume_at(): then Keras's next iterator is to
+        # ask for the rest of the resumed epoch only (Keras reads the length when it starts
+        # one; no other read comes between)
+        return self._cursor.batches_left()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches in one epoch (``len(seq)``, except just after :meth:`resume_at`)."""
         return self._cursor.length
+
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch served so far under ``fit`` (read ahead included)."""
+        return self._cursor.position
+
+    def resume_at(self, epoch: int, batch: int) -> None:
+        """Serve batch ``batch`` of epoch ``epoch`` next: the next epoch Keras runs is the rest
+        of that epoch (``len(seq)`` reads what is left of it until its first batch is asked
+        for), then the epochs after it in full. :class:`shardfit.BackupAndRestore` calls this
+        when it restores a run interrupted mid-epoch.
+
+        Raises:
+            InvalidOptionError: ``epoch`` or ``batch`` is out of range.
+        """
+        try:
+            self._cursor.resume(epoch, batch)
+        except ValueError as err:
+            raise InvalidOptionError(str(err)) from None
+        self._hinted = set()
 
     def __getitem__(self, index: int) -> Any:
         req = self._cursor.request(index)

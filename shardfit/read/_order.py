@@ -109,6 +109,7 @@ class EpochCursor:
         self._hook_calls = 0
         self._served: set[int] = set()  # requests by index outside an epoch, this epoch
         self._early = False  # an index loop began this epoch before the hook ending the last
+        self._resumed = False  # resume() set the stream mid-epoch; its next pass is shorter
         self._plans: dict[int, npt.NDArray[np.int64]] = {}
         self._lock = threading.Lock()
         self._pid = os.getpid()  # the process whose requests count
@@ -122,6 +123,30 @@ class EpochCursor:
     def position(self) -> int:
         """How many batches of the current epoch have been taken from the stream."""
         return self._position
+
+    def resume(self, epoch: int, position: int) -> None:
+        """Go on from batch ``position`` of epoch ``epoch``: the next epoch begun serves the rest
+        of that epoch (:meth:`batches_left` of them), then the epochs after it in full.
+
+        Raises:
+            ValueError: ``epoch`` or ``position`` is out of range.
+        """
+        if epoch < 0 or not 0 <= position <= self.length:
+            raise ValueError(
+                f"cannot resume at batch {position} of epoch {epoch}: an epoch has "
+                f"{self.length} batches"
+            )
+        with self._lock:
+            if position == self.length:
+                epoch, position = epoch + 1, 0
+            self._epoch, self._position = epoch, position
+            self._served.clear()
+            self._resumed = position > 0
+
+    def batches_left(self) -> int:
+        """Batches the next pass through the data holds: the rest of a resumed epoch, until its
+        first batch is served; else every batch of an epoch."""
+        return self.length - self._position if self._resumed else self.length
 
     def order(self, epoch: int) -> npt.NDArray[np.int64]:
         """Every sample index, in the order epoch ``epoch`` visits them."""
@@ -162,6 +187,7 @@ class EpochCursor:
         with self._lock:
             if self._inside and not self.count_hooks:
                 epoch, position = self._epoch, self._position
+                self._resumed = False
                 self._position += 1
                 if self._position == self.length:
                     self._epoch += 1
