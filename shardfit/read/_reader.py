@@ -198,9 +198,8 @@ class SplitReader:
         got = opened.shards.get(k)
         if got is not None:
             return got
-        path = shard_path(self.path, self.split, k)
-        expect = min(self.shard_size, self.count - k * self.shard_size)
-        index = read_full_shard_index(path, self.shard_size, expect)
+        path, index = self._index(k)
+        expect = len(index)
         with open(path, "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         # Map every page of the shard now: one call instead of a fault per 64 KB later, paid
@@ -229,12 +228,10 @@ class SplitReader:
         got = opened.files.get(k)
         if got is not None:
             return got
-        path = shard_path(self.path, self.split, k)
-        expect = min(self.shard_size, self.count - k * self.shard_size)
-        index = read_full_shard_index(path, self.shard_size, expect)
-        sizes = index[:expect, 1].astype(np.int64)
+        path, index = self._index(k)
+        sizes = index[:, 1].astype(np.int64)
         self._check_chunk_sizes(path, sizes)
-        new = _ShardFile(path, index[:expect, 0].astype(np.int64).tolist(), sizes.tolist())
+        new = _ShardFile(path, index[:, 0].astype(np.int64).tolist(), sizes.tolist())
         # two threads may open the same shard at once: both use the first one stored, and the
         # other descriptor is closed as soon as it is dropped
         return opened.files.setdefault(k, new)
@@ -250,10 +247,13 @@ class SplitReader:
         Raises:
             DatasetFormatError: the shard file is missing, truncated or corrupt (named).
         """
-        path = shard_path(self.path, self.split, shard)
-        expect = min(self.shard_size, self.count - shard * self.shard_size)
-        index = read_full_shard_index(path, self.shard_size, expect)
-        return index[:expect, 0].astype(np.int64)
+        return self._index(shard)[1][:, 0].astype(np.int64)
+
+    def _index(self, k: int) -> tuple[str, npt.NDArray[np.uint64]]:
+        """Shard ``k``'s path and the index entries of the samples it holds (read, checked)."""
+        path = shard_path(self.path, self.split, k)
+        expect = min(self.shard_size, self.count - k * self.shard_size)
+        return path, read_full_shard_index(path, self.shard_size, expect)[:expect]
 
     def read(self, indices: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """Samples ``indices`` as a new float32 array ``(n, H, W, 3)`` in [0, 1].
