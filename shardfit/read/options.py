@@ -41,10 +41,10 @@ class SequenceOptions:
         drop_remainder: leave out the last, smaller batch.
         initial_epoch: the epoch the first ``fit`` epoch is; pass the same as
             ``fit(initial_epoch=...)`` when resuming.
-        workers: Keras's ``PyDataset`` argument: threads (``workers > 1``), or with
-            ``use_multiprocessing`` the number of worker processes.
+        workers: as Keras's ``PyDataset`` argument: shardfit's read-ahead threads
+            (``workers > 1``), or with ``use_multiprocessing`` its worker processes.
         use_multiprocessing: build batches in worker processes.
-        max_queue_size: batches prepared ahead of the one being trained on (Keras's argument).
+        max_queue_size: batches of the plan read ahead of the one being trained on.
         shared_memory: with ``use_multiprocessing=True``, build batches in shardfit's own
             worker processes, which send them through shared memory (the default); ``False``
             leaves the processes to Keras's own pool, which pickles every batch through a pipe
