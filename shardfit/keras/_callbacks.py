@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
 import warnings
 from typing import Any
 
@@ -27,6 +27,7 @@ import keras
 
 from shardfit.errors import InvalidOptionError
 from shardfit.keras._sequence import Sequence
+from shardfit.store._format import write_json_atomic
 
 __all__ = ["BackupAndRestore"]
 
@@ -176,9 +177,9 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):  # type: ignore[misc]
         into the metadata file in the same replace, so that the two always match."""
         os.makedirs(self.backup_dir, exist_ok=True)
         if self.double_checkpoint and os.path.exists(self._weights_path):
-            _copy(self._weights_path, self._prev_weights_path)
+            shutil.copyfile(self._weights_path, self._prev_weights_path)
         if self.double_checkpoint and os.path.exists(self._training_metadata_path):
-            _copy(self._training_metadata_path, self._prev_training_metadata_path)
+            shutil.copyfile(self._training_metadata_path, self._prev_training_metadata_path)
         self.model.save_weights(filepath=self._weights_path, overwrite=True)
         epoch = self._current_epoch
         metadata = {
@@ -186,26 +187,5 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):  # type: ignore[misc]
             "batch": self._last_batch_seen,
             _KEY: {"epoch": epoch, "position": self._trained, **self._identity()},
         }
-        _write_atomic(self._training_metadata_path, json.dumps(metadata))
+        write_json_atomic(self._training_metadata_path, metadata)
 
-
-def _write_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _copy(src: str, dst: str) -> None:
-    with open(src, "rb") as f:
-        data = f.read()
-    with open(dst, "wb") as f:
-        f.write(data)

@@ -198,14 +198,15 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         self._hinted = set()
 
     def __getitem__(self, index: int) -> Any:
-        req = self._cursor.request(index)
-        if req.streamed and os.getpid() == self._pid:
-            upcoming = self._cursor.upcoming(self.options.max_queue_size)
-            self._hint(upcoming)
-            prefetch = self._prefetcher()
-            if prefetch is not None:
-                return prefetch.get(req, upcoming)
-        return self._build(req)
+        req = self._cursor.request(index)  # streamed only in the process that owns the cursor
+        if not req.streamed:
+            return self._build(req)
+        prefetch = self._prefetcher()
+        if prefetch is None and self._reader.io_mode != "pread":
+            return self._build(req)  # nothing to read ahead: mapped shards, no threads
+        upcoming = self._cursor.upcoming(self.options.max_queue_size)
+        self._hint(upcoming)
+        return self._build(req) if prefetch is None else prefetch.get(req, upcoming)
 
     def _build(self, req: Request) -> tuple[Any, ...]:
         """The batch of ``req``: by a worker process (with processes), or here."""

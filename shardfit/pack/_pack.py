@@ -24,9 +24,16 @@ from shardfit.pack._decode import DecodeSpec
 from shardfit.pack._plan import global_order, stratified_split
 from shardfit.pack._pool import DecodePool
 from shardfit.pack._scan import ScanResult, scan_folder
-from shardfit.pack._writer import SplitWriter, load_records, write_arrays, write_json_atomic
+from shardfit.pack._writer import SplitWriter, load_records, write_arrays
 from shardfit.pack.options import PackOptions
-from shardfit.store._format import ATTRS_KEY, FORMAT_VERSION, PARTIAL_SUFFIX, STATE_DIR, read_info
+from shardfit.store._format import (
+    ATTRS_KEY,
+    FORMAT_VERSION,
+    PARTIAL_SUFFIX,
+    STATE_DIR,
+    read_info,
+    write_json_atomic,
+)
 
 __all__ = ["PackReport", "pack_images"]
 

@@ -17,18 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from shardfit.store._format import ATTRS_KEY, STATE_DIR, shard_path
+from shardfit.store._format import ATTRS_KEY, STATE_DIR, shard_path, write_json_atomic
 from shardfit.store._shardio import ShardFileWriter, read_full_shard_index, zarr_compressors
 
-__all__ = ["ShardRecord", "SplitWriter", "load_records", "write_arrays", "write_json_atomic"]
-
-
-def write_json_atomic(path: str, doc: Any) -> None:
-    """Write ``doc`` as JSON at ``path`` via a temporary file and a rename."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, ensure_ascii=False, separators=(",", ":"))
-    os.replace(tmp, path)
+__all__ = ["ShardRecord", "SplitWriter", "load_records", "write_arrays"]
 
 
 @dataclass

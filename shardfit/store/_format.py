@@ -21,6 +21,7 @@ __all__ = [
     "SplitInfo",
     "read_info",
     "shard_path",
+    "write_json_atomic",
 ]
 
 #: Stored pixel types and chunk codecs this version of the format defines (FORMAT.md).
@@ -37,6 +38,15 @@ ATTRS_KEY = "shardfit"
 PARTIAL_SUFFIX = ".partial"
 #: Per-shard progress records of a pack under way, inside the partial store.
 STATE_DIR = ".shardfit-pack"
+
+
+def write_json_atomic(path: str, doc: Any) -> None:
+    """Write ``doc`` as JSON at ``path`` via a temporary file and a rename: a reader sees the
+    old file or the new one, whatever kills the writer."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, ensure_ascii=False, separators=(",", ":"))
+    os.replace(tmp, path)
 
 
 def shard_path(store: str, split: str, shard: int) -> str:
