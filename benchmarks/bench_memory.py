@@ -97,6 +97,7 @@ def measure(store: Path) -> dict:
     baseline = min(m.own for m in base)
     proc.stdin.write("go\n")
     proc.stdin.flush()
+
     def fresh() -> dict:  # type: ignore[type-arg]
         return {"peak_own": 0, "peak_file": 0, "peak_rss": 0, "max_procs": 0, "samples": 0}
 

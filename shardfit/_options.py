@@ -21,9 +21,7 @@ def merge_options(cls: type[T], options: T | None, overrides: dict[str, Any]) ->
             a value breaks its field's rule.
     """
     if options is not None and not isinstance(options, cls):
-        raise InvalidOptionError(
-            f"options must be a {cls.__name__} or None. Received: {options!r}"
-        )
+        raise InvalidOptionError(f"options must be a {cls.__name__} or None. Received: {options!r}")
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(overrides) - names)
     if unknown:

@@ -36,8 +36,16 @@ def test_a_plain_install_packs_without_any_framework(tmp_path: Path) -> None:
     make_folder(src, {"a": 3, "b": 3})
     out = tmp_path / "d.zarr"
     packed = subprocess.run(
-        [py, str(REPO / "tools" / "pack_images.py"), str(src), str(out), "--image-size", "8", "8",
-         "--quiet"],
+        [
+            py,
+            str(REPO / "tools" / "pack_images.py"),
+            str(src),
+            str(out),
+            "--image-size",
+            "8",
+            "8",
+            "--quiet",
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,  # not the checkout: the installed package must be the one imported
@@ -46,7 +54,9 @@ def test_a_plain_install_packs_without_any_framework(tmp_path: Path) -> None:
     assert (out / "zarr.json").is_file()
 
     hint = subprocess.run(
-        [py, "-c", "import shardfit; shardfit.Sequence"], capture_output=True, text=True,
+        [py, "-c", "import shardfit; shardfit.Sequence"],
+        capture_output=True,
+        text=True,
         cwd=tmp_path,
     )
     assert hint.returncode != 0

@@ -20,21 +20,80 @@ RECORDED = {
     # Keras asks for batches 0 and 1 to build its tensor signature, resets (a first
     # on_epoch_end), then runs each epoch between begin and end
     "fit(epochs=2, shuffle=False)": [
-        0, 1, "end", "begin", 0, 1, 2, 3, "end", "begin", 0, 1, 2, 3, "end",
+        0,
+        1,
+        "end",
+        "begin",
+        0,
+        1,
+        2,
+        3,
+        "end",
+        "begin",
+        0,
+        1,
+        2,
+        3,
+        "end",
     ],
     "fit(epochs=2, shuffle=True)": [
-        0, 1, "end", "begin", 2, 3, 1, 0, "end", "begin", 0, 2, 1, 3, "end",
+        0,
+        1,
+        "end",
+        "begin",
+        2,
+        3,
+        1,
+        0,
+        "end",
+        "begin",
+        0,
+        2,
+        1,
+        3,
+        "end",
     ],
     # predict probes too, but calls no on_epoch_end before its pass
     "predict": [0, 1, "begin", 0, 1, 2, 3, "end"],
     "evaluate": [0, 1, "end", "begin", 0, 1, 2, 3, "end"],
     "fit(epochs=1) twice": [
-        0, 1, "end", "begin", 0, 1, 2, 3, "end", 0, 1, "end", "begin", 0, 1, 2, 3, "end",
+        0,
+        1,
+        "end",
+        "begin",
+        0,
+        1,
+        2,
+        3,
+        "end",
+        0,
+        1,
+        "end",
+        "begin",
+        0,
+        1,
+        2,
+        3,
+        "end",
     ],
     # not seen in the recordings above, but possible with TensorFlow's prefetch and no
     # workers: the next epoch's first batches asked for before on_epoch_end of the last
     "fit(epochs=2), early prefetch": [
-        0, 1, "end", "begin", 0, 1, 2, 3, 0, 1, "end", "begin", 2, 3, "end",
+        0,
+        1,
+        "end",
+        "begin",
+        0,
+        1,
+        2,
+        3,
+        0,
+        1,
+        "end",
+        "begin",
+        2,
+        3,
+        "end",
     ],
 }
 
@@ -61,8 +120,13 @@ AFTER = {  # the cursor's epoch once the whole pattern has run
 
 def _cursor(**kw: object) -> EpochCursor:
     args: dict[str, object] = dict(
-        num_samples=16, shard_size=4, batch_size=4, drop_remainder=False, seed=3,
-        shuffle=True, window=2,
+        num_samples=16,
+        shard_size=4,
+        batch_size=4,
+        drop_remainder=False,
+        seed=3,
+        shuffle=True,
+        window=2,
     )
     args.update(kw)
     return EpochCursor(**args)  # type: ignore[arg-type]
@@ -116,8 +180,11 @@ def test_within_an_epoch_the_plan_is_served_in_order_whatever_index_keras_asks(
 def test_fit_with_keras_shuffle_and_without_serve_the_same_batches() -> None:
     shuffled = _served(_cursor(), RECORDED["fit(epochs=2, shuffle=True)"])
     plain = _served(_cursor(), RECORDED["fit(epochs=2, shuffle=False)"])
-    assert shuffled[2:] == plain[2:] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2),
-                                         (1, 3)]
+    assert (
+        shuffled[2:]
+        == plain[2:]
+        == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]
+    )
 
 
 def test_requests_carry_the_plan_and_upcoming_batches_cross_into_the_next_epoch() -> None:
@@ -140,7 +207,15 @@ def test_steps_per_epoch_below_the_length_walks_on_through_the_plan() -> None:
     cursor = _cursor()
     events = [0, 1, "end"] + ["begin", 0, 1, 2, "end"] * 3
     assert _served(cursor, events)[2:] == [
-        (0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3), (2, 0)
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (0, 3),
+        (1, 0),
+        (1, 1),
+        (1, 2),
+        (1, 3),
+        (2, 0),
     ]
 
 

@@ -29,8 +29,15 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _run(store: Path, mode: str, backup: Path, log: Path, kill_at: int = -1) -> int:
     proc = subprocess.run(
-        [sys.executable, str(HERE / "_resume_child.py"), str(store), mode, str(backup), str(log),
-         str(kill_at)],
+        [
+            sys.executable,
+            str(HERE / "_resume_child.py"),
+            str(store),
+            mode,
+            str(backup),
+            str(log),
+            str(kill_at),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

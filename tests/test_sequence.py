@@ -223,6 +223,9 @@ MODES = {
     "processes": {"workers": 2, "use_multiprocessing": True},
     # Keras's own process pool (batches pickled): the epoch is counted from hook calls there
     "keras-pool": {"workers": 2, "use_multiprocessing": True, "shared_memory": False},
+    # whole shards read ahead into memory (what io="auto" picks for stores larger than memory)
+    "stream": {"workers": 1, "io": "stream"},
+    "stream-threads": {"workers": 2, "io": "stream"},
 }
 
 
@@ -249,10 +252,8 @@ def _plan_order(path: Path, seed: int, epoch: int) -> list[int]:
     return stored_index(path, "train")[order].tolist()
 
 
-@pytest.mark.parametrize("mode", ["in-process", "threads", "processes"])
-def test_fit_with_keras_default_shuffle_trains_on_shardfits_plan_in_order(
-    store, mode: str
-) -> None:
+@pytest.mark.parametrize("mode", ["in-process", "threads", "processes", "stream", "stream-threads"])
+def test_fit_with_keras_default_shuffle_trains_on_shardfits_plan_in_order(store, mode: str) -> None:
     # fit's default shuffle=True draws a batch order from Python's global random, unseeded:
     # two fits in one process draw two different ones. shardfit serves its own plan anyway.
     path, _ = store
@@ -469,7 +470,7 @@ def test_keras_asks_for_every_trained_batch_within_its_epoch_hooks() -> None:
     assert hooks[-1] == len(log) - 1 and log[-1] == "end"
 
 
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", ["in-process", "threads", "processes", "keras-pool"])
 def test_keras_calls_on_epoch_end_once_more_than_there_are_epochs(mode: str) -> None:
     # The process-mode bookkeeping relies on this Keras 3.15 behaviour; pin it.
     data = _HookCounter(**{k: v for k, v in MODES[mode].items() if k != "shared_memory"})

@@ -128,8 +128,15 @@ def test_worker_batches_equal_in_process_batches_and_come_through_shared_memory(
     store: Path,
 ) -> None:
     expect = _in_process(store, transform=_stamp)
-    seq = Sequence(store, batch_size=8, seed=2, transform=_stamp, workers=2,
-                   use_multiprocessing=True, max_queue_size=2)
+    seq = Sequence(
+        store,
+        batch_size=8,
+        seed=2,
+        transform=_stamp,
+        workers=2,
+        use_multiprocessing=True,
+        max_queue_size=2,
+    )
     # shardfit's own processes; Keras is shown a dataset without workers of its own
     assert seq.mode == "processes" and not seq.use_multiprocessing
     assert seq.options.workers == 2 and seq.workers == 1
@@ -156,8 +163,9 @@ def test_worker_batches_equal_in_process_batches_and_come_through_shared_memory(
 
 def test_when_the_consumer_holds_every_slot_batches_come_pickled_and_right(store: Path) -> None:
     expect = _in_process(store)
-    seq = Sequence(store, batch_size=8, seed=2, workers=1, use_multiprocessing=True,
-                   max_queue_size=1)  # 1 + 2 x 1 + 2 = 5 slots for 8 batches
+    seq = Sequence(
+        store, batch_size=8, seed=2, workers=1, use_multiprocessing=True, max_queue_size=1
+    )  # 1 + 2 x 1 + 2 = 5 slots for 8 batches
     held = [seq[i] for i in range(len(seq))]
     for (ex, ey), (gx, gy) in zip(expect, held, strict=True):
         np.testing.assert_array_equal(gx, ex)
@@ -200,8 +208,9 @@ def test_a_lock_held_in_the_consumer_while_workers_fork_does_not_hang_them(store
 
 
 def test_an_error_in_a_worker_is_raised_with_its_type_and_traceback(store: Path) -> None:
-    seq = Sequence(store, batch_size=8, workers=1, use_multiprocessing=True,
-                   transform=_fail_on_purpose)
+    seq = Sequence(
+        store, batch_size=8, workers=1, use_multiprocessing=True, transform=_fail_on_purpose
+    )
     with pytest.raises(ZeroDivisionError, match="on purpose") as info:
         seq[0]
     assert "_fail_on_purpose" in str(info.value.__cause__)

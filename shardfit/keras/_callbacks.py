@@ -65,8 +65,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):  # type: ignore[misc]
     ) -> None:
         if not isinstance(sequence, Sequence):
             raise InvalidOptionError(
-                f"sequence must be the shardfit.Sequence that fit trains on. Received: "
-                f"{sequence!r}"
+                f"sequence must be the shardfit.Sequence that fit trains on. Received: {sequence!r}"
             )
         super().__init__(
             os.fspath(backup_dir),
@@ -188,4 +187,3 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):  # type: ignore[misc]
             _KEY: {"epoch": epoch, "position": self._trained, **self._identity()},
         }
         write_json_atomic(self._training_metadata_path, metadata)
-

@@ -29,6 +29,7 @@ from shardfit.read._buffers import BufferPool
 from shardfit.read._order import EpochCursor, Request
 from shardfit.read._prefetch import Prefetcher
 from shardfit.read._reader import SplitReader
+from shardfit.read._stage import ShardStager, drops_cache, read_path
 from shardfit.read._workers import WorkerPool
 from shardfit.read.options import Mode, SequenceOptions, build_mode
 from shardfit.transforms import Transform
@@ -122,7 +123,9 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         self.mode: Mode = build_mode(opts)
         super().__init__(**_keras_arguments(opts, self.mode))
         self.transform = transform
-        self._reader = SplitReader(path, split)
+        self._reader = SplitReader(path, split, io="pread" if opts.io == "stream" else opts.io)
+        #: how samples are read: "mmap", "pread" or "stream" (whole shards read ahead)
+        self.io = read_path(opts.io, self._reader, self.mode, opts.shuffle_window)
         self._maker = BatchMaker(self._reader, transform, opts.seed)
         self._cursor = EpochCursor(
             num_samples=self._reader.count,
@@ -138,6 +141,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         self._buffers: tuple[int, BufferPool] | None = None
         self._procs: WorkerPool | None = None
         self._prefetch: Prefetcher | None = None
+        self._stage: ShardStager | None = None
         self._hinted: set[tuple[int, int]] = set()  # upcoming batches whose reads were asked
         self._lock = threading.Lock()
         self._pid = os.getpid()  # the process that may start threads and worker processes
@@ -201,9 +205,13 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         req = self._cursor.request(index)  # streamed only in the process that owns the cursor
         if not req.streamed:
             return self._build(req)
+        stager = self._stager()
+        if stager is not None:
+            stager.advance(req.epoch, req.index)  # reads ahead from this batch's window on
         prefetch = self._prefetcher()
-        if prefetch is None and self._reader.io_mode != "pread":
-            return self._build(req)  # nothing to read ahead: mapped shards, no threads
+        if prefetch is None and self.io != "pread":
+            return self._build(req)  # no threads, and nothing to hint: the kernel or the
+            # stager reads ahead
         upcoming = self._cursor.upcoming(self.options.max_queue_size)
         self._hint(upcoming)
         return self._build(req) if prefetch is None else prefetch.get(req, upcoming)
@@ -211,16 +219,44 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
     def _build(self, req: Request) -> tuple[Any, ...]:
         """The batch of ``req``: by a worker process (with processes), or here."""
         workers = self._worker_pool()
+        stager = self._stager() if req.streamed else None
         if workers is not None:
             images = workers.images(req.samples, req.epoch, req.index)
+        elif stager is not None:
+            with stager.hold(req.epoch, req.samples) as shards:
+                images = self._maker.images(
+                    req.samples, req.epoch, req.index, self._buffer, shards=shards
+                )
         else:
             images = self._maker.images(req.samples, req.epoch, req.index, self._buffer)
         return (images, *self._labels(req.samples))
 
+    def _stager(self) -> ShardStager | None:
+        """The reads of whole shards ahead (``io == "stream"``), started on first use in the
+        process that owns the Sequence; ``None`` otherwise."""
+        if self.io != "stream" or os.getpid() != self._pid:
+            return None
+        stager = self._stage
+        if stager is None:
+            with self._lock:
+                if self._stage is None:
+                    o = self.options
+                    self._stage = ShardStager(
+                        self._reader,
+                        seed=o.seed,
+                        shuffle=o.shuffle,
+                        window=o.shuffle_window,
+                        batch_size=o.batch_size,
+                        drop_remainder=o.drop_remainder,
+                        drop_cache=drops_cache(self._reader),
+                    )
+                stager = self._stage
+        return stager
+
     def _hint(self, upcoming: list[Request]) -> None:
         """Ask the kernel to start reading the batches that will be asked for next, each once
         (only with ``pread`` I/O: mapped shards are read ahead by the kernel itself)."""
-        if self._reader.io_mode != "pread":
+        if self.io != "pread":
             return
         for req in upcoming:
             if req.key not in self._hinted:
@@ -238,9 +274,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
             with self._lock:
                 if self._prefetch is None:
                     threads = self.options.workers * (2 if self.mode == "processes" else 1)
-                    self._prefetch = Prefetcher(
-                        self._build, threads, self.options.max_queue_size
-                    )
+                    self._prefetch = Prefetcher(self._build, threads, self.options.max_queue_size)
                 prefetch = self._prefetch
         return prefetch
 
@@ -251,8 +285,11 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         ``fit``)."""
         with self._lock:
             prefetch, self._prefetch = self._prefetch, None
+            stager, self._stage = self._stage, None
         if prefetch is not None:
             prefetch.close()
+        if stager is not None:
+            stager.close()
         workers = self._procs  # stays, closed, so that late requests fail, not restart it
         if workers is not None:
             workers.close()
@@ -337,6 +374,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         state["_buffers"] = None
         state["_procs"] = None  # threads, processes and shared memory stay with their owner
         state["_prefetch"] = None
+        state["_stage"] = None
         state["_hinted"] = set()
         return state
 

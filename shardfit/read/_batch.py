@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shardfit.errors import InvalidOptionError, TransformError
-from shardfit.read._reader import SplitReader
+from shardfit.read._reader import ShardGetter, SplitReader
 from shardfit.transforms import Transform
 
 __all__ = ["BatchMaker", "transform_rng"]
@@ -57,11 +57,13 @@ class BatchMaker:
         epoch: int,
         index: int,
         out: Callable[[tuple[int, ...]], npt.NDArray[np.float32]],
+        shards: ShardGetter | None = None,
     ) -> npt.NDArray[Any]:
-        """The images of batch ``index`` of ``epoch``: ``samples`` read into ``out(shape)``,
-        then transformed (the result may be ``out``'s array or a new one)."""
+        """The images of batch ``index`` of ``epoch``: ``samples`` read into ``out(shape)``
+        (from the files, or from shards already in memory that ``shards`` gives), then
+        transformed (the result may be ``out``'s array or a new one)."""
         images = out((samples.size, *self.reader.image_shape))
-        self.reader.read_into(samples, images)
+        self.reader.read_into(samples, images, shards=shards)
         if self.transform is None:
             return images
         result = self.transform(images, transform_rng(self.seed, epoch, index))

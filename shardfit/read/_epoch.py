@@ -11,11 +11,20 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["batch_count", "epoch_order"]
+__all__ = ["batch_count", "epoch_order", "shard_order"]
 
 #: Stream ids, so that no two uses of one seed draw the same numbers.
 _SHARD_STREAM = 0x5348_0001
 _WINDOW_STREAM = 0x5348_0002
+
+
+def shard_order(num_shards: int, *, seed: int, epoch: int, shuffle: bool) -> npt.NDArray[np.int64]:
+    """The order in which epoch ``epoch`` visits the shards ``0 .. num_shards - 1``; its windows
+    are consecutive runs of ``window`` shards of it (see :func:`epoch_order`)."""
+    if not shuffle:
+        return np.arange(num_shards, dtype=np.int64)
+    rng = np.random.default_rng([seed, _SHARD_STREAM, epoch])
+    return rng.permutation(num_shards).astype(np.int64)
 
 
 def epoch_order(
@@ -43,7 +52,7 @@ def epoch_order(
     if not shuffle or num_samples == 0:
         return np.arange(num_samples, dtype=np.int64)
     num_shards = -(-num_samples // shard_size)
-    shards = np.random.default_rng([seed, _SHARD_STREAM, epoch]).permutation(num_shards)
+    shards = shard_order(num_shards, seed=seed, epoch=epoch, shuffle=True)
     parts = []
     for w, start in enumerate(range(0, num_shards, window)):
         members = shards[start : start + window]

@@ -27,6 +27,7 @@ import json
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,9 +37,16 @@ import numpy.typing as npt
 
 from shardfit.errors import DatasetFormatError, InvalidOptionError
 from shardfit.store._format import read_info, shard_path
-from shardfit.store._shardio import ChunkEncoder, read_full_shard_index
+from shardfit.store._shardio import ChunkEncoder, read_full_shard_index, shard_index_of_bytes
 
-__all__ = ["SplitReader", "open_split"]
+__all__ = ["ShardGetter", "ShardView", "SplitReader", "open_split"]
+
+#: One shard's bytes as read: the buffer holding the file (a mapping, or the whole file read into
+#: memory), its checked index of ``(offset, nbytes)`` per sample, and, when the samples lie
+#: densely in the packer's layout, an array view ``(n, H, W, 3)`` over them.
+ShardView = tuple[Any, npt.NDArray[np.uint64], npt.NDArray[Any] | None]
+#: Where a read takes shard ``k``'s bytes from.
+ShardGetter = Callable[[int], ShardView]
 
 IoMode = Literal["auto", "mmap", "pread"]
 _IO_MODES: tuple[str, ...] = ("auto", "mmap", "pread")
@@ -81,9 +89,7 @@ class _Open:
     labels, the codec, and each thread's staging buffer (``pread`` of converted samples)."""
 
     pid: int
-    shards: dict[int, tuple[mmap.mmap, npt.NDArray[np.uint64], npt.NDArray[Any] | None]] = field(
-        default_factory=dict
-    )
+    shards: dict[int, ShardView] = field(default_factory=dict)
     files: dict[int, _ShardFile] = field(default_factory=dict)
     labels: npt.NDArray[np.int32] | None = None
     codec: Any = None
@@ -148,12 +154,12 @@ class SplitReader:
         self.compression = info.compression
         self._chunk_bytes = int(np.prod(self.image_shape)) * self.stored_dtype.itemsize
         self.io_mode: Literal["mmap", "pread"] = (
-            _choose_io(self._data_bytes(), memory_bytes()) if io == "auto" else io
+            _choose_io(self.data_bytes(), memory_bytes()) if io == "auto" else io
         )
         self._open: _Open | None = None
         self._lock = threading.Lock()
 
-    def _data_bytes(self) -> int:
+    def data_bytes(self) -> int:
         """Bytes of the split's shard files (from their sizes; estimated if they cannot be
         listed: errors about missing files are for the first read to report)."""
         try:
@@ -193,13 +199,12 @@ class SplitReader:
                 f"{self.image_shape} {self.stored_dtype}: re-pack the dataset"
             )
 
-    def _shard(self, k: int) -> tuple[mmap.mmap, npt.NDArray[np.uint64], npt.NDArray[Any] | None]:
+    def _shard(self, k: int) -> ShardView:
         opened = self._handles()
         got = opened.shards.get(k)
         if got is not None:
             return got
         path, index = self._index(k)
-        expect = len(index)
         with open(path, "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         # Map every page of the shard now: one call instead of a fault per 64 KB later, paid
@@ -207,20 +212,37 @@ class SplitReader:
         # hint: kernels before 5.14 refuse it.
         with contextlib.suppress(OSError, ValueError):
             mm.madvise(_MADV_POPULATE_READ)
-        dense = None
-        offsets = index[:expect, 0].astype(np.int64)
-        sizes = index[:expect, 1].astype(np.int64)
+        dense = self._dense(path, mm, index)
+        got = (mm, index, dense)
+        opened.shards[k] = got
+        return got
+
+    def _dense(self, path: str, buf: Any, index: npt.NDArray[np.uint64]) -> npt.NDArray[Any] | None:
+        """An array view over all samples of a shard's bytes ``buf`` when they lie densely from
+        its start (the packer's layout), else ``None``; chunk sizes checked."""
+        expect = len(index)
+        offsets = index[:, 0].astype(np.int64)
+        sizes = index[:, 1].astype(np.int64)
         self._check_chunk_sizes(path, sizes)
         if self.compression == "none" and np.array_equal(
             offsets, np.arange(expect, dtype=np.int64) * self._chunk_bytes
         ):
-            # the packer's layout: one array view over the whole shard
-            dense = np.frombuffer(
-                mm, self.stored_dtype, count=expect * int(np.prod(self.image_shape))
+            return np.frombuffer(
+                buf, self.stored_dtype, count=expect * int(np.prod(self.image_shape))
             ).reshape(expect, *self.image_shape)
-        got = (mm, index, dense)
-        opened.shards[k] = got
-        return got
+        return None
+
+    def shard_of_bytes(self, k: int, data: memoryview) -> ShardView:
+        """Shard ``k`` from the whole content of its file, read into memory by the caller
+        (``shardfit.read._stage``); its index is checked as when read from the file.
+
+        Raises:
+            DatasetFormatError: the content is truncated or corrupt (the file is named).
+        """
+        path = shard_path(self.path, self.split, k)
+        expect = min(self.shard_size, self.count - k * self.shard_size)
+        index = shard_index_of_bytes(path, data, self.shard_size, expect)[:expect]
+        return data, index, self._dense(path, data, index)
 
     def _shard_file(self, k: int) -> _ShardFile:
         """Shard ``k`` opened for ``pread`` in this process (index read and checked once)."""
@@ -284,28 +306,41 @@ class SplitReader:
             opened.labels = _read_labels(self.path, self.split, self.count)
         return opened.labels
 
-    def read_into(self, indices: npt.NDArray[np.integer], out: npt.NDArray[Any]) -> None:
+    def read_into(
+        self,
+        indices: npt.NDArray[np.integer],
+        out: npt.NDArray[Any],
+        *,
+        shards: ShardGetter | None = None,
+    ) -> None:
         """Copy samples ``indices`` into ``out[:len(indices)]``, shape ``(n, H, W, 3)``.
 
         ``out`` may be float32 (uint8 stores are converted as ``pixel / 255``) or the stored dtype.
-        Safe to call from several threads at once, each with its own ``out``.
+        Safe to call from several threads at once, each with its own ``out``. ``shards``, if
+        given, supplies the bytes of every shard the samples are in (whole shards read ahead
+        into memory), instead of reading the files.
 
         Raises:
             IndexError: an index is outside ``[0, count)``.
             DatasetFormatError: a shard file is missing, truncated or corrupt (named).
         """
-        if self.io_mode == "pread":
+        if shards is not None:
+            self._read_from(indices, out, shards)
+        elif self.io_mode == "pread":
             self._read_pread(indices, out)
         else:
-            self._read_mmap(indices, out)
+            self._read_from(indices, out, self._shard)
 
-    def _read_mmap(self, indices: npt.NDArray[np.integer], out: npt.NDArray[Any]) -> None:
+    def _read_from(
+        self, indices: npt.NDArray[np.integer], out: npt.NDArray[Any], shards: ShardGetter
+    ) -> None:
+        """Samples copied (uncompressed) or decoded from shard bytes in memory."""
         convert = out.dtype != self.stored_dtype
         for b, i in enumerate(np.asarray(indices, dtype=np.int64).tolist()):
             if not 0 <= i < self.count:
                 raise IndexError(f"sample {i} out of range for {self.count} samples")
             k, j = divmod(i, self.shard_size)
-            mm, index, dense = self._shard(k)
+            mm, index, dense = shards(k)
             if dense is not None:
                 src: npt.NDArray[Any] = dense[j]
             else:
@@ -329,9 +364,7 @@ class SplitReader:
         if self.io_mode == "pread":
             _will_need(self._pread_plan(indices))
 
-    def _pread_plan(
-        self, indices: npt.NDArray[np.integer]
-    ) -> list[tuple[_ShardFile, int, int]]:
+    def _pread_plan(self, indices: npt.NDArray[np.integer]) -> list[tuple[_ShardFile, int, int]]:
         """(file, byte offset, bytes) of each sample."""
         plan = []
         for i in np.asarray(indices, dtype=np.int64).tolist():

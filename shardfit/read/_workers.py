@@ -308,9 +308,7 @@ def _build(
 ) -> tuple[Any, ...]:
     if slot < 0:
         return ("array", maker.images(samples, epoch, index, _fresh))
-    images = maker.images(
-        samples, epoch, index, lambda shape: ring.array(slot, shape, np.float32)
-    )
+    images = maker.images(samples, epoch, index, lambda shape: ring.array(slot, shape, np.float32))
     if not ring.fits(images.nbytes):
         return ("array", images)  # a transform made it larger than a slot
     dst = ring.array(slot, images.shape, images.dtype)

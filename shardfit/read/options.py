@@ -11,13 +11,16 @@ from typing import Literal
 
 from shardfit.errors import InvalidOptionError
 
-__all__ = ["MODES", "LabelMode", "Mode", "SequenceOptions", "build_mode"]
+__all__ = ["IO_CHOICES", "MODES", "IoChoice", "LabelMode", "Mode", "SequenceOptions", "build_mode"]
 
 LabelMode = Literal["int", "categorical"] | None
 #: Where batches are built: in the consumer's thread, in Keras's threads, in shardfit's own
 #: worker processes (through shared memory), or in Keras's own process pool (pickled).
 Mode = Literal["in-process", "threads", "processes", "keras-processes"]
 MODES: tuple[str, ...] = ("in-process", "threads", "processes", "keras-processes")
+#: How samples are read from disk (see ``SequenceOptions.io``).
+IoChoice = Literal["auto", "mmap", "pread", "stream"]
+IO_CHOICES: tuple[str, ...] = ("auto", "mmap", "pread", "stream")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -50,6 +53,16 @@ class SequenceOptions:
             leaves the processes to Keras's own pool, which pickles every batch through a pipe
             (many times slower, rebuilt every epoch, and it hangs ``fit`` if a worker is
             killed); kept for comparison.
+        io: how samples come from disk. ``"mmap"``: shard files memory-mapped (fastest when
+            the store stays in the page cache). ``"pread"``: each sample read where it lies,
+            the kernel told which bytes the next batches need (the least memory).
+            ``"stream"``: whole shards read ahead along the plan, several at once in long
+            sequential reads, into about ``shuffle_window + 5`` shard-sized buffers of this
+            process (the fastest when the store is larger than the page cache can hold; not
+            with worker processes, which cannot share those buffers). ``"auto"`` (the default):
+            ``"mmap"`` when the store's shards fit in half of the memory (RAM, or the cgroup
+            limit); otherwise ``"stream"`` when its buffers fit in a third of it and batches
+            are built in this process, else ``"pread"``.
     """
 
     batch_size: int = 32
@@ -63,6 +76,7 @@ class SequenceOptions:
     use_multiprocessing: bool = False
     max_queue_size: int = 10
     shared_memory: bool = True
+    io: IoChoice = "auto"
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
@@ -81,6 +95,16 @@ class SequenceOptions:
                 raise InvalidOptionError(
                     f"{name} must be a bool. Received: {getattr(self, name)!r}"
                 )
+        if not isinstance(self.io, str) or self.io not in IO_CHOICES:
+            raise InvalidOptionError(
+                f"io must be one of {', '.join(repr(c) for c in IO_CHOICES)}. Received: {self.io!r}"
+            )
+        if self.io == "stream" and build_mode(self) in ("processes", "keras-processes"):
+            raise InvalidOptionError(
+                "io='stream' reads whole shards into the memory of the process that serves the "
+                "batches, which worker processes cannot share: with use_multiprocessing=True use "
+                "io='auto', 'pread' or 'mmap'. Received: io='stream'"
+            )
 
 
 def build_mode(options: SequenceOptions) -> Mode:

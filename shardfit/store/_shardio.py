@@ -259,16 +259,39 @@ def read_shard_index(path: str, chunks_per_shard: int) -> npt.NDArray[np.uint64]
     nbytes = chunks_per_shard * 16
     try:
         size = os.path.getsize(path)
-        if size < nbytes + 4:
-            raise DatasetFormatError(
-                f"shard file {path} is truncated ({size} bytes, smaller than its index): "
-                "re-pack the dataset"
-            )
+        _check_index_fits(path, size, nbytes)
         with open(path, "rb") as f:
             f.seek(size - nbytes - 4)
             raw = f.read(nbytes + 4)
     except FileNotFoundError:
         raise DatasetFormatError(f"shard file {path} is missing: re-pack the dataset") from None
+    return _parse_index(path, raw, size, chunks_per_shard)
+
+
+def shard_index_of_bytes(
+    path: str, data: memoryview, chunks_per_shard: int, expect: int
+) -> npt.NDArray[np.uint64]:
+    """:func:`read_full_shard_index` of a shard file's whole content ``data``, read earlier
+    (``path`` names it in errors)."""
+    nbytes = chunks_per_shard * 16
+    size = len(data)
+    _check_index_fits(path, size, nbytes)
+    index = _parse_index(path, bytes(data[size - nbytes - 4 :]), size, chunks_per_shard)
+    _check_present(path, index, expect)
+    return index
+
+
+def _check_index_fits(path: str, size: int, nbytes: int) -> None:
+    if size < nbytes + 4:
+        raise DatasetFormatError(
+            f"shard file {path} is truncated ({size} bytes, smaller than its index): "
+            "re-pack the dataset"
+        )
+
+
+def _parse_index(path: str, raw: bytes, size: int, chunks_per_shard: int) -> npt.NDArray[np.uint64]:
+    """The index from its bytes and checksum (``raw``) at the end of a file of ``size`` bytes."""
+    nbytes = chunks_per_shard * 16
     if google_crc32c.value(raw[:nbytes]) != int.from_bytes(raw[nbytes:], "little"):
         raise DatasetFormatError(
             f"shard file {path} fails its index checksum (corrupt or truncated): "
@@ -288,9 +311,13 @@ def read_full_shard_index(path: str, chunks_per_shard: int, expect: int) -> npt.
     """:func:`read_shard_index`, also checking that exactly the first ``expect`` chunks are
     present: an image missing from disk (say, a chunk zarr skipped) cannot go unnoticed."""
     index = read_shard_index(path, chunks_per_shard)
+    _check_present(path, index, expect)
+    return index
+
+
+def _check_present(path: str, index: npt.NDArray[np.uint64], expect: int) -> None:
     present = int(np.count_nonzero(index[:, 0] != np.uint64(MISSING)))
     if present != expect or bool(np.any(index[:expect, 0] == np.uint64(MISSING))):
         raise DatasetFormatError(
             f"shard file {path} holds {present} of its {expect} images: re-pack the dataset"
         )
-    return index
