@@ -360,6 +360,24 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("io", ["stream", "pread"])
+def test_a_fit_stopped_early_does_not_hang_the_exit(store, io: str) -> None:
+    # TensorFlow's generator thread is inside __getitem__ when fit stops; if it still is when
+    # Python finalizes, TensorFlow waits for it forever (seen 1 run in 6 before the fix)
+    path, _ = store
+    child = Path(__file__).with_name("_exit_child.py")
+    for _ in range(3):
+        proc = subprocess.run(
+            [sys.executable, str(child), str(path), io],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0 and "fit returned" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_processes_under_other_start_methods(store, method: str, tmp_path: Path) -> None:
     # A fresh interpreter: Keras cannot switch start methods once it has used process workers.
@@ -385,31 +403,9 @@ def test_processes_under_other_start_methods(store, method: str, tmp_path: Path)
 # -- the epoch bookkeeping against Keras's call patterns, step by step --------------------------
 
 
-def test_batches_keras_discards_before_an_epoch_do_not_count(store) -> None:
-    path, _ = store
-    seq = Sequence(path, batch_size=8)
-    seq[0], seq[1]  # Keras's tensor-signature probe, before fit's first on_epoch_end
-    seq.on_epoch_end()
-    for i in [*range(2, len(seq)), 0, 1]:  # epoch 0, with 0 and 1 asked for last
-        seq[i]
-        assert seq.epoch == 0
-    seq.on_epoch_end()
-    assert seq.epoch == 1
-
-
-def test_a_batch_prefetched_before_on_epoch_end_belongs_to_the_next_epoch(store) -> None:
-    path, _ = store
-    seq = Sequence(path, batch_size=8)
-    seq.on_epoch_end()
-    for i in range(len(seq)):
-        seq[i]
-    x_early, _ = seq[3]  # TensorFlow's prefetch of the next epoch, before the hook
-    assert seq.epoch == 1
-    seq.on_epoch_end()  # the hook that ends epoch 0 arrives late: nothing more changes
-    assert seq.epoch == 1
-    np.testing.assert_array_equal(
-        x_early, Sequence(path, batch_size=8, initial_epoch=1, shuffle=True)[3][0]
-    )
+# Keras's probes before an epoch and TensorFlow's prefetch across the hooks: replayed on the
+# cursor with the hooks as Keras calls them (tests/test_order.py); a hook called by a user's
+# own loop means what it says (tests/test_calls.py).
 
 
 class _HookCounter(keras.utils.PyDataset):  # type: ignore[misc]

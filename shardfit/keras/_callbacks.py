@@ -77,6 +77,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):  # type: ignore[misc]
         self._offset = 0  # batches of the current epoch trained before this fit resumed it
         self._trained = 0  # batches of the current epoch trained, in all
         self._quiet: warnings.catch_warnings[None] | None = None  # silences "ran out of data"
+        #: ``(epoch, batch)`` the last ``fit`` resumed at from the backup, or ``None``
+        self.resumed_at: tuple[int, int] | None = None
 
     # -- restore -------------------------------------------------------------------------------
 
@@ -90,6 +92,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):  # type: ignore[misc]
             )
         super().on_train_begin(logs)  # weights, and the epoch to start at
         self._offset = 0
+        self.resumed_at = None
         saved = self._saved_position()
         if saved is None:
             return
@@ -99,6 +102,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):  # type: ignore[misc]
             epoch, position = epoch + 1, 0
         self.model._initial_epoch = epoch
         self.sequence.resume_at(epoch, position)
+        self.resumed_at = (epoch, position)
         self._offset = position
         if position:
             self._quiet = warnings.catch_warnings()
@@ -126,7 +130,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):  # type: ignore[misc]
             "num_samples": seq.num_samples,
             "batch_size": seq.options.batch_size,
             "seed": seq.options.seed,
-            "shuffle": seq.options.shuffle,
+            "shuffle": seq.shuffle,
             "shuffle_window": seq.options.shuffle_window,
         }
 

@@ -13,8 +13,14 @@ is loaded on first use).
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import sys
 import threading
+import time
+import warnings
+import weakref
 from multiprocessing import context
 from typing import Any
 
@@ -24,6 +30,7 @@ import numpy.typing as npt
 
 from shardfit._options import merge_options
 from shardfit.errors import InvalidOptionError
+from shardfit.keras._calls import keras_call
 from shardfit.read._batch import BatchMaker
 from shardfit.read._buffers import BufferPool
 from shardfit.read._order import EpochCursor, Request
@@ -35,6 +42,37 @@ from shardfit.read.options import Mode, SequenceOptions, build_mode
 from shardfit.transforms import Transform
 
 __all__ = ["Sequence"]
+
+log = logging.getLogger("shardfit")
+
+#: Sequences alive in this process, for :func:`_before_exit`.
+_LIVE: weakref.WeakSet[Sequence] = weakref.WeakSet()
+#: How long the interpreter's exit waits for batch requests under way to leave.
+_EXIT_WAIT_S = 10.0
+
+
+def _before_exit() -> None:
+    """Stop serving and let the batch requests under way leave before Python finalizes.
+
+    After a ``fit`` that stopped early (``stop_training``, ``EarlyStopping``), TensorFlow's
+    batch-generator thread may still be inside ``__getitem__``, reading ahead. If it is there
+    when the interpreter starts finalizing, it can never take the GIL back, and TensorFlow,
+    destroying its iterator at exit, waits for it forever: the process hangs (seen in 1 run of
+    6 of ``benchmarks/bench_resume.py`` under a memory limit). ``atexit`` runs while other
+    threads still run normally: requests now fail at once, and those under way are waited for.
+    """
+    live = list(_LIVE)
+    for seq in live:
+        with seq._lock:
+            seq._exiting = True
+    for seq in live:
+        seq.close()
+    deadline = time.monotonic() + _EXIT_WAIT_S
+    while any(seq._active for seq in live) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+atexit.register(_before_exit)
 
 
 def _keras_arguments(options: SequenceOptions, mode: Mode) -> dict[str, Any]:
@@ -69,7 +107,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         options: a :class:`~shardfit.SequenceOptions`; or give its fields as keyword arguments
             (``shuffle``, ``seed``, ``shuffle_window``, ``label_mode``, ``drop_remainder``,
             ``initial_epoch``, ``workers``, ``use_multiprocessing``, ``max_queue_size``,
-            ``shared_memory``), which replace those of ``options``.
+            ``shared_memory``, ``io``), which replace those of ``options``.
         transform: ``fn(images, rng) -> images`` applied to every batch where it is built (in
             the worker processes, with ``use_multiprocessing=True``), ``rng`` seeded from
             ``(seed, epoch, batch index)``: see :mod:`shardfit.transforms`.
@@ -79,13 +117,19 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
     (shardfit's own ``workers`` processes, with ``use_multiprocessing=True``) or
     ``"keras-processes"`` (``shared_memory=False``). Keras's own attributes (``seq.workers``,
     ``seq.use_multiprocessing``) read what Keras is told: no workers, but with
-    ``shared_memory=False``.
+    ``shared_memory=False``. ``seq.io`` says how samples are read (``"mmap"``, ``"pread"`` or
+    ``"stream"``, ``io="auto"`` resolved) and ``seq.shuffle`` whether epochs are shuffled.
 
-    Under ``fit``, ``evaluate`` and ``predict``, batches are served in the order of shardfit's
-    epoch plan, whatever order Keras asks for them in (``fit(shuffle=True)``, Keras's default,
-    changes nothing), and the next ``max_queue_size`` batches of the plan are read ahead: by
-    shardfit's threads or processes, or in-process by telling the kernel which bytes come next.
-    ``seq[i]`` outside an epoch gives batch ``i`` of the current epoch.
+    Under ``fit``, batches are served in the order of shardfit's epoch plan, whatever order
+    Keras asks for them in (``fit(shuffle=True)``, Keras's default, changes nothing), and the
+    next ``max_queue_size`` batches of the plan are read ahead: by shardfit's threads or
+    processes, or in-process by telling the kernel which bytes come next (or, with
+    ``io="stream"``, by reading whole shards ahead). ``fit(steps_per_epoch=k)`` walks on through
+    the plan; ``fit(initial_epoch=k)`` serves epoch ``k``'s. ``predict`` and ``evaluate`` serve
+    the current epoch's plan and leave the training stream where it stands; ``seq.labels``
+    gives the labels in that order. ``seq[i]`` outside Keras gives batch ``i`` of the current
+    epoch; ``seq.on_epoch_end()`` from your own loop starts the next. README, "How shardfit
+    orders samples", has every rule.
 
     The object pickles to a few KB whatever the dataset's size; files are opened lazily in each
     process that reads.
@@ -124,6 +168,8 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         super().__init__(**_keras_arguments(opts, self.mode))
         self.transform = transform
         self._reader = SplitReader(path, split, io="pread" if opts.io == "stream" else opts.io)
+        #: whether epochs are shuffled: ``options.shuffle``, or by default for "train" only
+        self.shuffle: bool = split == "train" if opts.shuffle is None else opts.shuffle
         #: how samples are read: "mmap", "pread" or "stream" (whole shards read ahead)
         self.io = read_path(opts.io, self._reader, self.mode, opts.shuffle_window)
         self._maker = BatchMaker(self._reader, transform, opts.seed)
@@ -133,7 +179,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
             batch_size=opts.batch_size,
             drop_remainder=opts.drop_remainder,
             seed=opts.seed,
-            shuffle=opts.shuffle,
+            shuffle=self.shuffle,
             window=opts.shuffle_window,
             initial_epoch=opts.initial_epoch,
             count_hooks=self.mode == "keras-processes",
@@ -143,6 +189,11 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         self._prefetch: Prefetcher | None = None
         self._stage: ShardStager | None = None
         self._hinted: set[tuple[int, int]] = set()  # upcoming batches whose reads were asked
+        self._endless = False  # the running Keras call takes more or fewer steps than an epoch
+        self._active = 0  # calls of __getitem__ under way
+        self._exiting = False
+        _LIVE.add(self)
+        self._warned_predict = False
         self._lock = threading.Lock()
         self._pid = os.getpid()  # the process that may start threads and worker processes
 
@@ -202,10 +253,25 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         self._hinted = set()
 
     def __getitem__(self, index: int) -> Any:
+        with self._lock:
+            if self._exiting:
+                raise RuntimeError("shardfit.Sequence: the interpreter is exiting")
+            self._active += 1
+        try:
+            return self._serve(index)
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def _serve(self, index: int) -> Any:
         req = self._cursor.request(index)  # streamed only in the process that owns the cursor
-        if not req.streamed:
-            return self._build(req)
         stager = self._stager()
+        if not req.streamed:
+            if stager is not None:
+                # Keras's probes come before the epoch, and the model is compiled after them:
+                # start reading the stream's next shards now
+                stager.advance(self._cursor.epoch, self._cursor.position)
+            return self._build(req)
         if stager is not None:
             stager.advance(req.epoch, req.index)  # reads ahead from this batch's window on
         prefetch = self._prefetcher()
@@ -244,7 +310,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
                     self._stage = ShardStager(
                         self._reader,
                         seed=o.seed,
-                        shuffle=o.shuffle,
+                        shuffle=self.shuffle,
                         window=o.shuffle_window,
                         batch_size=o.batch_size,
                         drop_remainder=o.drop_remainder,
@@ -307,7 +373,44 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         """Which stored samples batch ``index`` of ``epoch`` (default: the current) holds."""
         return self._cursor.samples(index, self._cursor.epoch if epoch is None else epoch)
 
+    @property
+    def num_batches(self) -> int | None:
+        """What Keras reads as the length: ``len(seq)``, or ``None`` (endless) under a Keras
+        call with ``steps_per_epoch`` (or ``steps``) other than ``len(seq)``: the stream then
+        walks on through the plan into the next epoch's, one sample once per pass, as a
+        repeated tf.data dataset does; Keras stops after the steps asked for."""
+        call = keras_call()
+        if call is not None and call.new_iterator:
+            # read first where Keras makes the call's iterator, on the thread that runs the
+            # call; its batch generator (another thread, under TensorFlow) reads it again and
+            # must get the same answer
+            self._endless = (
+                call.steps is not None
+                and call.steps != len(self)
+                and self.mode != "keras-processes"
+            )
+            self._cursor.begin_call(endless=self._endless)
+            if sys._getframe(1).f_code.co_name == "get_data_adapter":
+                # Keras asks here only to warn that an endless dataset is not shuffled by
+                # fit(shuffle=True): shardfit's is, by its own plan
+                return len(self)
+        return None if self._endless else len(self)
+
+    @property
+    def labels(self) -> npt.NDArray[np.int32]:
+        """The labels (int class indices) of the samples in the order the next pass serves
+        them: the current epoch's plan (the store's order without shuffling). ``predict`` and
+        ``evaluate`` serve that plan and leave the epoch where it stands, so
+        ``seq.labels`` read before or after ``model.predict(seq)`` scores its rows."""
+        order = self._cursor.order(self._cursor.epoch)
+        return self._reader.labels()[order[: self._cursor.length * self.options.batch_size]]
+
     def on_epoch_begin(self) -> None:
+        call = keras_call()
+        if call is not None and call.building:
+            # Keras takes a batch to build the model, then ends this "epoch" at once: those
+            # requests are probes, served by index (JAX and PyTorch backends)
+            return
         # a fit that failed on a dead worker, or a close(), left the pool broken: the next
         # fit starts anew
         workers = self._procs
@@ -316,10 +419,48 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
                 if self._procs is workers:
                     self._procs = None
             workers.close()
-        self._cursor.epoch_begin()
+        inference = call is not None and call.kind in ("predict", "evaluate")
+        if call is not None and call.kind == "predict" and self.shuffle:
+            self._warn_shuffled_predict()
+        if call is not None and call.kind == "fit":
+            self._follow_initial_epoch(call.epoch, call.initial_epoch, call.steps)
+        self._cursor.epoch_begin(inference=inference)
 
     def on_epoch_end(self) -> None:
-        self._cursor.epoch_end()
+        self._cursor.epoch_end(by_user=keras_call() is None)
+
+    def _follow_initial_epoch(
+        self, epoch: int | None, initial_epoch: int | None, steps: int | None
+    ) -> None:
+        """At the first epoch of ``fit(initial_epoch=k)``, serve epoch ``k``'s plan (whole
+        epochs only: with ``steps_per_epoch`` Keras's epochs are not the plan's)."""
+        if not initial_epoch or epoch != initial_epoch or steps not in (None, len(self)):
+            return
+        if self._cursor.epoch == initial_epoch:
+            return
+        try:
+            self._cursor.start_epoch(initial_epoch)
+        except ValueError as err:
+            raise InvalidOptionError(
+                f"fit(initial_epoch={initial_epoch}) but {err}: pass the same initial_epoch to "
+                "the Sequence, or resume with shardfit.BackupAndRestore"
+            ) from None
+        log.info(
+            "shardfit: serving epoch %d's plan, as fit(initial_epoch=%d) asks",
+            initial_epoch,
+            initial_epoch,
+        )
+
+    def _warn_shuffled_predict(self) -> None:
+        if self._warned_predict:
+            return
+        self._warned_predict = True
+        warnings.warn(
+            "predict on a shuffled shardfit.Sequence returns its rows in this epoch's shuffled "
+            "order: score them against seq.labels, or pass shuffle=False for the store's order",
+            UserWarning,
+            stacklevel=3,
+        )
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -376,8 +517,11 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         state["_prefetch"] = None
         state["_stage"] = None
         state["_hinted"] = set()
+        state["_active"] = 0
+        state["_exiting"] = False
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        _LIVE.add(self)

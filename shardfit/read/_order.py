@@ -110,6 +110,8 @@ class EpochCursor:
         self._served: set[int] = set()  # requests by index outside an epoch, this epoch
         self._early = False  # an index loop began this epoch before the hook ending the last
         self._resumed = False  # resume() set the stream mid-epoch; its next pass is shorter
+        self._inference: int | None = None  # in an inference pass: the next batch of it
+        self.endless = False  # the consumer takes batches past the epoch's end, hooks or not
         self._plans: dict[int, npt.NDArray[np.int64]] = {}
         self._lock = threading.Lock()
         self._pid = os.getpid()  # the process whose requests count
@@ -175,17 +177,29 @@ class EpochCursor:
     def request(self, index: int) -> Request:
         """What to serve for a request of batch ``index`` now; counts the request.
 
+        Inside an epoch the index is not used (any int >= 0 is taken: an endless stream asks
+        for 0, 1, 2, ... past the epoch's length).
+
         Raises:
-            IndexError: ``index`` is not in ``[0, length)``.
+            IndexError: ``index`` is not in ``[0, length)`` outside an epoch, or negative.
         """
-        if not isinstance(index, int | np.integer) or not 0 <= index < self.length:
+        if not isinstance(index, int | np.integer) or index < 0:
             raise IndexError(f"batch index must be in [0, {self.length}). Received: {index!r}")
         index = int(index)
+        streaming = self._inside and not self.count_hooks and os.getpid() == self._pid
+        if not streaming and index >= self.length:
+            raise IndexError(f"batch index must be in [0, {self.length}). Received: {index!r}")
         if os.getpid() != self._pid:
             # a copy in Keras's pool worker: the owner set the epoch before the fork
             return Request(self._epoch, index, self.samples(index, self._epoch))
         with self._lock:
             if self._inside and not self.count_hooks:
+                if self._inference is not None:  # the current epoch's plan, the stream stays
+                    position = self._inference
+                    self._inference = (position + 1) % self.length
+                    return Request(
+                        self._epoch, position, self.samples(position, self._epoch), streamed=True
+                    )
                 epoch, position = self._epoch, self._position
                 self._resumed = False
                 self._position += 1
@@ -203,7 +217,13 @@ class EpochCursor:
             if not self._inside or self.count_hooks:
                 return []
             epoch, position = self._epoch, self._position
+            inference = self._inference
         out = []
+        if inference is not None:  # the same epoch's plan, round again
+            for k in range(min(count, self.length)):
+                p = (inference + k) % self.length
+                out.append(Request(epoch, p, self.samples(p, epoch), streamed=True))
+            return out
         for _ in range(min(count, self.length)):
             out.append(Request(epoch, position, self.samples(position, epoch), streamed=True))
             position += 1
@@ -211,23 +231,44 @@ class EpochCursor:
                 epoch, position = epoch + 1, 0
         return out
 
-    def epoch_begin(self) -> None:
-        """The consumer's start-of-epoch hook ran (Keras's ``on_epoch_begin``)."""
+    def epoch_begin(self, *, inference: bool = False) -> None:
+        """The consumer's start-of-epoch hook ran (Keras's ``on_epoch_begin``).
+
+        With ``inference`` (``predict``, ``evaluate``), the pass serves the current epoch's
+        plan from its first batch, and leaves the training stream where it stands.
+        """
         with self._lock:
             self._inside = True
+            self._inference = 0 if inference else None
             self._served.clear()  # probes asked for before the epoch do not count
             self._early = False
 
-    def epoch_end(self) -> None:
-        """The consumer's end-of-epoch hook ran (Keras's ``on_epoch_end``)."""
+    def epoch_end(self, *, by_user: bool = False) -> None:
+        """The consumer's end-of-epoch hook ran (Keras's ``on_epoch_end``).
+
+        ``by_user``: called by the user's own loop, not by Keras; an epoch ended early there
+        (after some of its batches) is over: the next batches come from the next epoch's plan.
+        Under Keras the stream goes on where it stands (``fit(steps_per_epoch=...)`` walks on
+        through the plan), and batches asked for before an epoch (Keras's probes) do not count.
+        """
         with self._lock:
             self._hook_calls += 1
             if self.count_hooks:
                 if self._hook_calls > 1:  # the first call comes before epoch 0
                     self._next_epoch()
             elif self._inside:
-                self._inside = False  # the stream goes on where it stands
-            elif len(self._served) == self.length:
+                if self._inference is not None:
+                    self._inside = False
+                    self._inference = None  # the training stream stays where it stood
+                elif by_user:
+                    self._inside = False
+                    if self._position > 0:
+                        self._next_epoch()
+                elif not self.endless:
+                    self._inside = False
+                # endless: the stream stays open between Keras's epochs (its batch generator
+                # runs on, ahead of the hooks) until the consumer's next call begins
+            elif len(self._served) == self.length or (by_user and self._served):
                 self._next_epoch()
             elif not self._early:
                 # batches asked for and thrown away before an epoch (Keras builds its tensor
@@ -235,10 +276,37 @@ class EpochCursor:
                 self._served.clear()
             self._early = False
 
+    def begin_call(self, *, endless: bool) -> None:
+        """A new pass of the consumer begins (Keras makes a new iterator): any stream of the
+        last one is left; ``endless``: this one asks for batches past the epoch's end."""
+        with self._lock:
+            self.endless = endless
+            self._inside = False
+            self._inference = None
+
     def _next_epoch(self) -> None:
         self._epoch += 1
         self._position = 0
+        self._resumed = False
         self._served.clear()
+
+    def start_epoch(self, epoch: int) -> None:
+        """Make ``epoch`` the next to serve, from its first batch (``fit(initial_epoch=k)``).
+
+        Raises:
+            ValueError: the stream stands inside another epoch (a batch of it was served, or
+                :meth:`resume` set it there).
+        """
+        with self._lock:
+            if epoch == self._epoch:
+                return
+            if self._position > 0:
+                raise ValueError(
+                    f"the Sequence stands at batch {self._position} of epoch {self._epoch}, "
+                    f"not at the start of epoch {epoch}"
+                )
+            self._epoch = epoch
+            self._served.clear()
 
     def _count_by_index(self, index: int) -> int:
         if index in self._served and len(self._served) == self.length:

@@ -130,9 +130,7 @@ class ShardStager:
             return got
 
     def _make_plan(self, epoch: int) -> _Plan:
-        order = shard_order(
-            self._num_shards, seed=self._seed, epoch=epoch, shuffle=self._shuffle
-        )
+        order = shard_order(self._num_shards, seed=self._seed, epoch=epoch, shuffle=self._shuffle)
         position = np.empty_like(order)
         position[order] = np.arange(order.size)
         r = self._reader

@@ -35,15 +35,17 @@ class SequenceOptions:
 
     Attributes:
         batch_size: samples per batch.
-        shuffle: a new order every epoch (shard order, then samples within a window of shards).
+        shuffle: a new order every epoch (shard order, then samples within a window of shards);
+            ``None`` (the default): for the ``"train"`` split only, so that ``predict`` and
+            ``evaluate`` on another split see the store's order.
         seed: seed of the shuffle; the order of epoch ``e`` is a function of ``(seed, e)``.
         shuffle_window: shards whose samples are mixed together; more mixes better, fewer keeps
             the set of shards read at a time (and the page cache they need) smaller.
         label_mode: ``"int"`` (int32 class indices), ``"categorical"`` (float32 one-hot) or
             ``None`` (images only), as in ``keras.utils.image_dataset_from_directory``.
         drop_remainder: leave out the last, smaller batch.
-        initial_epoch: the epoch the first ``fit`` epoch is; pass the same as
-            ``fit(initial_epoch=...)`` when resuming.
+        initial_epoch: the epoch the first batches belong to. ``fit(initial_epoch=k)`` sets it
+            by itself; for loops of your own.
         workers: as Keras's ``PyDataset`` argument: shardfit's read-ahead threads
             (``workers > 1``), or with ``use_multiprocessing`` its worker processes.
         use_multiprocessing: build batches in worker processes.
@@ -66,7 +68,7 @@ class SequenceOptions:
     """
 
     batch_size: int = 32
-    shuffle: bool = True
+    shuffle: bool | None = None
     seed: int = 0
     shuffle_window: int = 4
     label_mode: LabelMode = "int"
@@ -90,7 +92,9 @@ class SequenceOptions:
                 f"label_mode must be one of 'int', 'categorical', None. "
                 f"Received: {self.label_mode!r}"
             )
-        for name in ("shuffle", "drop_remainder", "use_multiprocessing", "shared_memory"):
+        if self.shuffle is not None and not isinstance(self.shuffle, bool):
+            raise InvalidOptionError(f"shuffle must be a bool or None. Received: {self.shuffle!r}")
+        for name in ("drop_remainder", "use_multiprocessing", "shared_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidOptionError(
                     f"{name} must be a bool. Received: {getattr(self, name)!r}"
