@@ -83,7 +83,7 @@ def test_a_request_outside_an_epoch_starts_reading_the_stream(stores: dict[str, 
     # Keras's probes come before the first epoch: they are served from the files, and the
     # reads of the stream's first shards start then, while Keras compiles the model
     seq = Sequence(stores["float32"], batch_size=8, io="stream", shuffle_window=2)
-    mapped = Sequence(stores["float32"], batch_size=8, io="mmap")
+    mapped = Sequence(stores["float32"], batch_size=8, io="mmap", shuffle_window=2)
     np.testing.assert_array_equal(seq[3][0], mapped[3][0])
     stager = seq._stage
     assert stager is not None and stager.shards_read == stager.ahead
