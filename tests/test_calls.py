@@ -124,9 +124,10 @@ def test_steps_per_epoch_walks_on_through_the_plan(store, mode: str, steps: int)
     seq.close()
 
 
-def test_an_early_stopping_train_on_batch_loop_starts_a_new_epoch(store) -> None:  # noqa: F811
+@pytest.mark.parametrize("mode", CALL_MODES)
+def test_an_early_stopping_train_on_batch_loop_starts_a_new_epoch(store, mode: str) -> None:  # noqa: F811
     path, _ = store
-    seq = Sequence(path, batch_size=6, seed=4)
+    seq = Sequence(path, batch_size=6, seed=4, **MODES[mode])
     model = decoding_model()
     model.compile(loss=[None, keras.losses.SparseCategoricalCrossentropy(from_logits=True)])
     index = stored_index(path, "train")
@@ -141,6 +142,7 @@ def test_an_early_stopping_train_on_batch_loop_starts_a_new_epoch(store) -> None
                 break  # stop the epoch early
         seq.on_epoch_end()
         assert seq.epoch == epoch + 1
+    seq.close()
 
 
 # -- resume without bookkeeping ----------------------------------------------------------------
