@@ -192,10 +192,10 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         self._endless = False  # the running Keras call takes more or fewer steps than an epoch
         self._active = 0  # calls of __getitem__ under way
         self._exiting = False
-        _LIVE.add(self)
         self._warned_predict = False
         self._lock = threading.Lock()
         self._pid = os.getpid()  # the process that may start threads and worker processes
+        _LIVE.add(self)  # last: the exit hook needs the lock
 
     # -- what Keras and users see ------------------------------------------------------------
 
