@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import re
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 from typing import NoReturn
 
 from shardfit.errors import ShardfitError
@@ -113,6 +117,39 @@ def _summary(report: PackReport) -> None:
     _print_list("Ignored (not images)", report.ignored, _LIST_LIMIT)
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived (``timeout``, a job scheduler, ``kill``).
+
+    A BaseException, as KeyboardInterrupt is, so that nothing on the way catches it and the
+    pack unwinds as it does for Ctrl-C: the shard being written is dropped, the decode workers
+    stopped, every finished shard kept for ``--resume``.
+    """
+
+
+@contextmanager
+def _sigterm_stops_the_pack() -> Iterator[None]:
+    owner = os.getpid()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != owner:
+            # a decode worker forked with this handler, signalled (to stop it) before it reset
+            # SIGTERM: end it as the default action would, without a traceback
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise _Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: keep the default (the partial store stays safe)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def pack_main(argv: Sequence[str] | None = None, prog: str = "pack_images.py") -> int:
     """Run the packer CLI; return the exit status."""
     args = _pack_parser(prog).parse_args(argv)
@@ -133,21 +170,25 @@ def pack_main(argv: Sequence[str] | None = None, prog: str = "pack_images.py") -
             class_names=tuple(args.class_names) if args.class_names else None,
             background=tuple(args.background),
         )
-        report = pack_images(
-            args.src,
-            args.out,
-            options,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            dry_run=args.dry_run,
-            progress=not args.quiet,
-        )
+        with _sigterm_stops_the_pack():
+            report = pack_images(
+                args.src,
+                args.out,
+                options,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                dry_run=args.dry_run,
+                progress=not args.quiet,
+            )
     except ShardfitError as err:
         print(f"{prog}: error: {as_flags(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; run again with --resume to finish", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"{prog}: terminated (SIGTERM); run again with --resume to finish", file=sys.stderr)
+        return 128 + signal.SIGTERM
     if not args.quiet:
         _summary(report)
     return 0

@@ -75,6 +75,29 @@ def _keep_freed_memory() -> None:
         pass
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Make the kernel kill this worker when the packer dies, however it dies.
+
+    A worker blocked in ``recv`` never sees its pipe close, because forked siblings hold copies
+    of the parent's ends; and ``kill -9``, the OOM killer or an unhandled SIGTERM of the packer
+    runs none of its cleanup. Without this, workers would live on, reparented to init, forever.
+    ``PR_SET_PDEATHSIG`` is Linux's; elsewhere the pipe's end is the only signal.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    # the parent may have died between the fork and the prctl: then no signal will come
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def _worker_main(
     conn: Connection,
     spec: DecodeSpec,
@@ -82,8 +105,13 @@ def _worker_main(
     mute_stderr: bool,
     slots: mmap.mmap | None,
     slot_bytes: int,
+    parent_pid: int | None = None,
 ) -> None:
+    _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    # the packer's CLI turns SIGTERM into a clean stop; here it must keep its default (close()
+    # ends a stuck worker with it)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if mute_stderr:
         # libtiff and other C decoders print diagnostics straight to fd 2, scrambling the
         # progress bar; every failure still reaches the parent as a skip reason.
@@ -194,9 +222,20 @@ class DecodePool:
 
     def _start_worker(self) -> _Worker:
         parent, child = self._ctx.Pipe(duplex=True)
+        # a forkserver's workers are the server's children, not ours: no parent check there
+        method = self._ctx.get_start_method()
+        parent_pid = os.getpid() if method in ("fork", "spawn") else None
         proc = self._ctx.Process(  # type: ignore[attr-defined]
             target=_worker_main,
-            args=(child, self._spec, self._compression, self._mute, self._slots, self._slot_bytes),
+            args=(
+                child,
+                self._spec,
+                self._compression,
+                self._mute,
+                self._slots,
+                self._slot_bytes,
+                parent_pid,
+            ),
             name="shardfit-decode",
             daemon=True,
         )

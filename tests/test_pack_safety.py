@@ -1,0 +1,125 @@
+"""Packing never leaves wrong data or stray processes behind: signals, kill points, a second
+packer, full or read-only disks, odd file names, edited progress records. Real processes, real
+files and real filesystems (tmpfs mounts where this process may mount)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import REPO, make_folder, tree_bytes
+from test_cli import PACK_ARGS, TOOL, run
+
+from shardfit import IncompleteDatasetError, read_info
+from shardfit.store._format import STATE_DIR
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state first), None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Every process below ``pid``: {pid: start time} (from /proc: no psutil needed)."""
+    parent_of: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat_fields(int(entry))) is not None:
+            parent_of[int(entry)] = int(fields[1])
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parent_of.items():
+            if ppid == parent and child not in found:
+                fields = _stat_fields(child)
+                if fields is not None:
+                    found[child] = fields[19]  # start time: a reused pid is another process
+                    frontier.append(child)
+    return found
+
+
+def _alive(pids: dict[int, str]) -> list[int]:
+    """Those of ``pids`` still running (a zombie has ended: it only awaits reaping by init)."""
+    alive = []
+    for pid, start in pids.items():
+        fields = _stat_fields(pid)
+        if fields is not None and fields[0] != "Z" and fields[19] == start:
+            alive.append(pid)
+    return alive
+
+
+def _spawn(src: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, TOOL, str(src), str(out), *PACK_ARGS, "--quiet", *extra],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # only so that the test can clean up whatever survives
+    )
+
+
+def _records(out: Path, split: str = "train") -> int:
+    state = Path(str(out) + ".partial") / STATE_DIR
+    return len(list(state.glob(f"{split}-*.json"))) if state.is_dir() else 0
+
+
+def _wait_for(proc: subprocess.Popen[str], ready: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 60
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert proc.poll() is None, "the pack ended before the moment the test waited for"
+
+
+@pytest.fixture
+def packed(tmp_path: Path) -> tuple[Path, Path]:
+    """A source folder (300 JPEGs: 38 shards of 8 at ``PACK_ARGS``) and its uninterrupted pack."""
+    src = tmp_path / "src"
+    make_folder(src, {"a": 150, "b": 150}, size=(32, 32), fmt="jpg")
+    ref = tmp_path / "ref.zarr"
+    run(str(src), str(ref), *PACK_ARGS, "--quiet", check=True)
+    return src, ref
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_no_process_of_the_pack_outlives_a_signal_to_the_packer(
+    packed: tuple[Path, Path], tmp_path: Path, sig: signal.Signals
+) -> None:
+    src, ref = packed
+    out = tmp_path / "d.zarr"
+    proc = _spawn(src, out)
+    try:
+        _wait_for(proc, lambda: _records(out) >= 3)
+        pack_pids = _descendants(proc.pid)
+        assert len(pack_pids) >= 2, "expected the 2 decode workers"
+        os.kill(proc.pid, sig)  # the packer alone, as the OOM killer or `timeout` does
+        _, stderr = proc.communicate(timeout=30)
+        deadline = time.monotonic() + 5
+        while _alive(pack_pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _alive(pack_pids) == [], "decode workers outlived the packer"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert stderr.strip().splitlines() == [
+            "pack_images.py: terminated (SIGTERM); run again with --resume to finish"
+        ]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    with pytest.raises(IncompleteDatasetError, match="resume=True"):
+        read_info(out)
+    run(str(src), str(out), *PACK_ARGS, "--quiet", "--resume", check=True)
+    assert tree_bytes(out) == tree_bytes(ref)
