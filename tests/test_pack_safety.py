@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, make_folder, tree_bytes
-from test_cli import PACK_ARGS, TOOL, run
+from test_cli import PACK_ARGS, TOOL, assert_one_line_error, run
 
 from shardfit import IncompleteDatasetError, read_info
 from shardfit.store._format import STATE_DIR
@@ -123,3 +123,62 @@ def test_no_process_of_the_pack_outlives_a_signal_to_the_packer(
         read_info(out)
     run(str(src), str(out), *PACK_ARGS, "--quiet", "--resume", check=True)
     assert tree_bytes(out) == tree_bytes(ref)
+
+
+# A packer that kills itself with SIGKILL at the publishing rename: before it, or just after it.
+_KILL_AT_RENAME = """
+import os, signal, sys
+real_rename = os.rename
+def rename(src, dst):
+    if str(src).endswith(".zarr.partial"):
+        if sys.argv[1] == "after":
+            real_rename(src, dst)
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_rename(src, dst)
+os.rename = rename
+from shardfit.cli import pack_main
+pack_main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_kill_9_at_the_publishing_rename_leaves_no_records_and_resume_publishes(
+    packed: tuple[Path, Path], tmp_path: Path, when: str
+) -> None:
+    src, ref = packed
+    out = tmp_path / "d.zarr"
+    partial = Path(str(out) + ".partial")
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_AT_RENAME, when, str(src), str(out), *PACK_ARGS, "--quiet"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    if when == "after":  # published: complete, and nothing of the pack's state inside
+        assert not partial.exists() and not (out / STATE_DIR).exists()
+        assert tree_bytes(out) == tree_bytes(ref)
+        return
+    assert not out.exists() and not (partial / STATE_DIR).exists()
+    with pytest.raises(IncompleteDatasetError, match="resume=True"):
+        read_info(out)
+    resumed = run(str(src), str(out), *PACK_ARGS, "--resume", check=True)
+    assert "Decoded 0 files" in resumed.stdout
+    assert tree_bytes(out) == tree_bytes(ref)
+    assert not partial.exists()
+
+
+def test_a_complete_partial_store_is_not_published_under_other_options(
+    packed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    src, _ = packed
+    out = tmp_path / "d.zarr"
+    subprocess.run(
+        [sys.executable, "-c", _KILL_AT_RENAME, "before", str(src), str(out), *PACK_ARGS],
+        cwd=REPO,
+        capture_output=True,
+    )
+    other = [a if a != "16" else "12" for a in PACK_ARGS]  # --image-size 12 12
+    assert_one_line_error(
+        run(str(src), str(out), *other, "--resume"), "packed with other image_size", "--overwrite"
+    )

@@ -110,10 +110,27 @@ def _split_plan(scan: ScanResult, options: PackOptions) -> dict[str, np.ndarray]
     return plan
 
 
+def _root_attrs(store: str) -> dict[str, Any]:
+    """shardfit's root attributes of ``store`` as written, ``{}`` where unreadable."""
+    try:
+        with open(os.path.join(store, "zarr.json"), encoding="utf-8") as f:
+            attrs = json.load(f)["attributes"][ATTRS_KEY]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def _partial_is_complete(partial: str) -> bool:
+    """Whether ``partial``'s root attributes say ``complete: true`` (all but the rename done)."""
+    return _root_attrs(partial).get("complete") is True
+
+
 def _prepare_partial(
     out: str, partial: str, fingerprint: str, *, resume: bool, overwrite: bool
-) -> bool:
-    """Make ``partial`` ready to write into; return True when it continues an earlier pack."""
+) -> str:
+    """Make ``partial`` ready to write into. Return ``"new"`` for a fresh pack, ``"continue"``
+    when it continues an earlier pack, ``"complete"`` when an earlier pack only lacks its
+    publishing rename."""
     if os.path.exists(out) and not overwrite:
         raise OutputExistsError(
             f"output {out} already exists: pass overwrite=True to replace it (the old "
@@ -126,16 +143,19 @@ def _prepare_partial(
                 with open(state_file, encoding="utf-8") as f:
                     state = json.load(f)
             except (OSError, ValueError):
-                state = None  # killed before the pack had begun: nothing in it to keep
+                state = None
+            if state is None and _partial_is_complete(partial):
+                # killed after its records were removed, before the rename: publish it as is
+                return "complete"
             if state is None:
-                shutil.rmtree(partial)
+                shutil.rmtree(partial)  # killed before the pack had begun: nothing to keep
             elif state.get("fingerprint") != fingerprint:
                 raise ResumeMismatchError(
                     f"cannot resume {partial}: the source folder or the packing options changed "
                     "since it was started; pass overwrite=True to start over"
                 )
             else:
-                return True
+                return "continue"
         elif not overwrite:
             raise OutputExistsError(
                 f"{partial} holds an interrupted pack of {out}: pass resume=True to finish it or "
@@ -149,7 +169,22 @@ def _prepare_partial(
     root.attrs[ATTRS_KEY] = {"format_version": FORMAT_VERSION, "complete": False}
     os.makedirs(os.path.join(partial, STATE_DIR))
     write_json_atomic(state_file, {"fingerprint": fingerprint})
-    return False
+    return "new"
+
+
+def _check_complete_partial(partial: str, options: PackOptions, scan: ScanResult) -> None:
+    """A complete partial store has no records left to compare with: compare its attributes,
+    so that a resume with other options never publishes it under their name."""
+    stored = _root_attrs(partial)
+    expected = _base_attrs(options, scan)
+    differ = sorted(
+        k for k, v in expected.items() if k != "shardfit_version" and stored.get(k) != v
+    )
+    if differ:
+        raise ResumeMismatchError(
+            f"cannot resume {partial}: it was packed with other {', '.join(differ)}; pass "
+            "overwrite=True to start over"
+        )
 
 
 def _base_attrs(options: PackOptions, scan: ScanResult) -> dict[str, Any]:
@@ -241,11 +276,20 @@ def pack_images(
             dry_run=True,
         )
 
-    continuing = _prepare_partial(
+    mode = _prepare_partial(
         out_s, partial, _fingerprint(options, scan), resume=resume, overwrite=overwrite
     )
+    if mode == "complete":
+        _check_complete_partial(partial, options, scan)
+        _publish(partial, out_s)
+        info = read_info(out_s)
+        skipped = [(d["path"], d["reason"]) for d in info.attrs.get("skipped", [])]
+        reused = sum(s.num_shards for s in info.splits.values())
+        return _report(out_s, scan, shard_size, skipped, reused, 0, started, 0)
     writers = {
-        s: SplitWriter(partial, s, shard_size, load_records(partial, s) if continuing else [])
+        s: SplitWriter(
+            partial, s, shard_size, load_records(partial, s) if mode == "continue" else []
+        )
         for s in plan
     }
     reused = sum(w.next_shard for w in writers.values())
@@ -255,9 +299,24 @@ def pack_images(
     _decode_into_shards(scan, options, plan, tasks, writers, progress)
     skipped = _finalize(partial, scan, options, writers)
     _publish(partial, out_s)
-    splits = read_info(out_s).splits
+    written = sum(wr.bytes_written for wr in writers.values())
+    return _report(out_s, scan, shard_size, skipped, reused, len(tasks), started, written)
+
+
+def _report(
+    out: str,
+    scan: ScanResult,
+    shard_size: int,
+    skipped: list[tuple[str, str]],
+    reused: int,
+    decoded: int,
+    started: float,
+    bytes_written: int,
+) -> PackReport:
+    """The report of a published store, its counts read back from the store itself."""
+    splits = read_info(out).splits
     return PackReport(
-        output=out_s,
+        output=out,
         class_names=scan.class_names,
         counts={s: info.count for s, info in splits.items()},
         counts_per_class={s: list(info.counts_per_class) for s, info in splits.items()},
@@ -266,9 +325,9 @@ def pack_images(
         skipped=skipped,
         ignored=list(scan.ignored),
         reused_shards=reused,
-        decoded=len(tasks),
+        decoded=decoded,
         seconds=time.perf_counter() - started,
-        bytes_written=sum(wr.bytes_written for wr in writers.values()),
+        bytes_written=bytes_written,
     )
 
 
@@ -365,14 +424,21 @@ def _remove_temp_files(store: str) -> None:
 
 
 def _publish(partial: str, out: str) -> None:
-    """Rename the complete ``partial`` to ``out``, replacing an old ``out`` last of all."""
+    """Rename the complete ``partial`` to ``out``, replacing an old ``out`` last of all.
+
+    The progress records go first: once they are gone the partial store is complete and
+    nothing but the rename is left, which a resume does on its own (see ``_prepare_partial``).
+    Removed after the rename, a kill in between would publish a store with records inside.
+    """
     _remove_temp_files(partial)
+    state = os.path.join(partial, STATE_DIR)
+    if os.path.isdir(state):
+        shutil.rmtree(state)
     old = None
     if os.path.exists(out):
         old = f"{out}.old-{os.getpid()}"
         os.rename(out, old)
     os.rename(partial, out)
-    shutil.rmtree(os.path.join(out, STATE_DIR), ignore_errors=True)
     # this call's old store, and any a killed earlier publish left behind
     for leftover in [old, *glob.glob(glob.escape(out) + ".old-*")]:
         if leftover is not None:
