@@ -13,6 +13,7 @@ __all__ = [
     "IncompleteDatasetError",
     "InvalidOptionError",
     "OutputExistsError",
+    "OutputLockedError",
     "ResumeMismatchError",
     "ShardfitError",
     "SharedMemoryError",
@@ -48,6 +49,10 @@ class ImageDecodeError(ShardfitError, ValueError):
 
 class OutputExistsError(ShardfitError, FileExistsError):
     """The output store (or an interrupted pack of it) is in the way."""
+
+
+class OutputLockedError(OutputExistsError):
+    """Another pack is writing the same output right now (it holds the output's lock)."""
 
 
 class ResumeMismatchError(ShardfitError, ValueError):

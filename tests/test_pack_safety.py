@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, make_folder, tree_bytes
 from test_cli import PACK_ARGS, TOOL, assert_one_line_error, run
 
-from shardfit import IncompleteDatasetError, read_info
+from shardfit import IncompleteDatasetError, OutputLockedError, pack_images, read_info
 from shardfit.store._format import STATE_DIR
 
 
@@ -182,3 +182,48 @@ def test_a_complete_partial_store_is_not_published_under_other_options(
     assert_one_line_error(
         run(str(src), str(out), *other, "--resume"), "packed with other image_size", "--overwrite"
     )
+
+
+_SLOW_PACKER = """
+import sys, time
+from shardfit.pack import _writer
+flush = _writer.SplitWriter.flush
+def slow_flush(self):
+    time.sleep(0.1)
+    flush(self)
+_writer.SplitWriter.flush = slow_flush
+from shardfit.cli import pack_main
+sys.exit(pack_main(sys.argv[1:]))
+"""
+
+
+def test_a_second_packer_on_the_same_output_is_refused_and_the_first_finishes(
+    packed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    src, ref = packed
+    out = tmp_path / "d.zarr"
+    # a packer slowed down to 0.1 s a shard (38 shards), so that it is still writing while the
+    # second one starts, scans and tries
+    first = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_PACKER, str(src), str(out), *PACK_ARGS, "--quiet"],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _wait_for(first, lambda: _records(out) >= 1)
+        for flag in ("--overwrite", "--resume"):  # the most destructive ways in
+            assert_one_line_error(
+                run(str(src), str(out), *PACK_ARGS, flag), f"another pack is writing {out}"
+            )
+        with pytest.raises(OutputLockedError, match="another pack is writing"):
+            pack_images(src, out, image_size=(16, 16), workers=0, overwrite=True)
+        assert first.poll() is None, "the first pack ended before the second one ran"
+        _, stderr = first.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert first.returncode == 0, stderr
+    assert tree_bytes(out) == tree_bytes(ref)

@@ -5,6 +5,7 @@ The public entry point is :func:`pack_images`; ``tools/pack_images.py`` is a thi
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -19,7 +20,12 @@ import numpy as np
 
 from shardfit._options import merge_options
 from shardfit._version import __version__
-from shardfit.errors import ImageDecodeError, OutputExistsError, ResumeMismatchError
+from shardfit.errors import (
+    ImageDecodeError,
+    OutputExistsError,
+    OutputLockedError,
+    ResumeMismatchError,
+)
 from shardfit.pack._decode import DecodeSpec
 from shardfit.pack._plan import global_order, stratified_split
 from shardfit.pack._pool import DecodePool
@@ -125,19 +131,60 @@ def _partial_is_complete(partial: str) -> bool:
     return _root_attrs(partial).get("complete") is True
 
 
+def _lock_partial(out: str, partial: str) -> tuple[int, bool]:
+    """Create ``partial`` if needed and hold an exclusive lock on it for the whole pack.
+
+    Return the locked directory's descriptor (closing it releases the lock) and whether this
+    call created the directory. The lock is on the partial directory itself rather than on a
+    lock file beside the output: it leaves nothing behind in the user's folder, it moves with
+    the directory at the publishing rename, and a lock file could not be removed safely. So
+    that the locked inode stays the partial store, an old partial is emptied, never removed.
+    ``flock`` locks vanish with their holder, however it dies; forked decode workers share the
+    lock but end with the packer.
+    """
+    import fcntl
+
+    os.makedirs(os.path.dirname(partial), exist_ok=True)
+    while True:
+        created = False
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(partial)
+            created = True
+        fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputLockedError(
+                f"another pack is writing {out} (in {partial}): wait for it to end, or stop it "
+                "and run again"
+            ) from None
+        try:
+            locked, now = os.fstat(fd), os.stat(partial)
+            if (locked.st_dev, locked.st_ino) == (now.st_dev, now.st_ino):
+                return fd, created
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the pack we waited on published it meanwhile: lock the new one
+
+
+def _empty_dir(path: str) -> None:
+    """Remove everything inside ``path`` but ``path`` itself (it carries the pack's lock)."""
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.remove(entry.path)
+
+
 def _prepare_partial(
-    out: str, partial: str, fingerprint: str, *, resume: bool, overwrite: bool
+    out: str, partial: str, fingerprint: str, *, existed: bool, resume: bool, overwrite: bool
 ) -> str:
-    """Make ``partial`` ready to write into. Return ``"new"`` for a fresh pack, ``"continue"``
-    when it continues an earlier pack, ``"complete"`` when an earlier pack only lacks its
-    publishing rename."""
-    if os.path.exists(out) and not overwrite:
-        raise OutputExistsError(
-            f"output {out} already exists: pass overwrite=True to replace it (the old "
-            "store is kept until the new one is complete)"
-        )
+    """Make the locked ``partial`` ready to write into (``existed``: before this pack locked
+    it). Return ``"new"`` for a fresh pack, ``"continue"`` when it continues an earlier pack,
+    ``"complete"`` when an earlier pack only lacks its publishing rename."""
     state_file = os.path.join(partial, STATE_DIR, _STATE_FILE)
-    if os.path.exists(partial):
+    if existed:
         if resume:
             try:
                 with open(state_file, encoding="utf-8") as f:
@@ -148,7 +195,7 @@ def _prepare_partial(
                 # killed after its records were removed, before the rename: publish it as is
                 return "complete"
             if state is None:
-                shutil.rmtree(partial)  # killed before the pack had begun: nothing to keep
+                _empty_dir(partial)  # killed before the pack had begun: nothing to keep
             elif state.get("fingerprint") != fingerprint:
                 raise ResumeMismatchError(
                     f"cannot resume {partial}: the source folder or the packing options changed "
@@ -162,7 +209,7 @@ def _prepare_partial(
                 "overwrite=True to start over"
             )
         else:
-            shutil.rmtree(partial)
+            _empty_dir(partial)
     import zarr
 
     root = zarr.open_group(partial, mode="w-")
@@ -170,6 +217,14 @@ def _prepare_partial(
     os.makedirs(os.path.join(partial, STATE_DIR))
     write_json_atomic(state_file, {"fingerprint": fingerprint})
     return "new"
+
+
+def _check_output_free(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not overwrite:
+        raise OutputExistsError(
+            f"output {out} already exists: pass overwrite=True to replace it (the old "
+            "store is kept until the new one is complete)"
+        )
 
 
 def _check_complete_partial(partial: str, options: PackOptions, scan: ScanResult) -> None:
@@ -244,6 +299,8 @@ def pack_images(
         InvalidOptionError: an option is invalid.
         SourceFolderError: ``src`` is missing, has no class subfolders or no images.
         OutputExistsError: ``out`` or its interrupted pack is in the way.
+        OutputLockedError: another pack is writing ``out`` now (checked before anything is
+            written or removed).
         ResumeMismatchError: ``resume`` with another folder content or other options.
         ImageDecodeError: with ``on_error="raise"``, the first file that fails to decode (in
             storage order). Work so far is kept for ``resume``.
@@ -276,16 +333,46 @@ def pack_images(
             dry_run=True,
         )
 
+    _check_output_free(out_s, overwrite)
+    lock, created = _lock_partial(out_s, partial)
+    try:
+        return _pack_locked(
+            scan, options, plan, out_s, partial, created, resume, overwrite, progress, started
+        )
+    finally:
+        os.close(lock)
+
+
+def _pack_locked(
+    scan: ScanResult,
+    options: PackOptions,
+    plan: dict[str, np.ndarray],
+    out: str,
+    partial: str,
+    created: bool,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    started: float,
+) -> PackReport:
+    """The pack itself, from the prepared partial store to the published one; the caller holds
+    the partial store's lock."""
+    shard_size = options.resolved_shard_size()
     mode = _prepare_partial(
-        out_s, partial, _fingerprint(options, scan), resume=resume, overwrite=overwrite
+        out,
+        partial,
+        _fingerprint(options, scan),
+        existed=not created,
+        resume=resume,
+        overwrite=overwrite,
     )
     if mode == "complete":
         _check_complete_partial(partial, options, scan)
-        _publish(partial, out_s)
-        info = read_info(out_s)
+        _publish(partial, out)
+        info = read_info(out)
         skipped = [(d["path"], d["reason"]) for d in info.attrs.get("skipped", [])]
         reused = sum(s.num_shards for s in info.splits.values())
-        return _report(out_s, scan, shard_size, skipped, reused, 0, started, 0)
+        return _report(out, scan, shard_size, skipped, reused, 0, started, 0)
     writers = {
         s: SplitWriter(
             partial, s, shard_size, load_records(partial, s) if mode == "continue" else []
@@ -298,9 +385,9 @@ def pack_images(
     tasks = [(s, int(i)) for s, idx in plan.items() for i in idx[writers[s].pos :]]
     _decode_into_shards(scan, options, plan, tasks, writers, progress)
     skipped = _finalize(partial, scan, options, writers)
-    _publish(partial, out_s)
+    _publish(partial, out)
     written = sum(wr.bytes_written for wr in writers.values())
-    return _report(out_s, scan, shard_size, skipped, reused, len(tasks), started, written)
+    return _report(out, scan, shard_size, skipped, reused, len(tasks), started, written)
 
 
 def _report(
