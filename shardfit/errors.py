@@ -14,6 +14,7 @@ __all__ = [
     "InvalidOptionError",
     "OutputExistsError",
     "OutputLockedError",
+    "OutputWriteError",
     "ResumeMismatchError",
     "ShardfitError",
     "SharedMemoryError",
@@ -53,6 +54,11 @@ class OutputExistsError(ShardfitError, FileExistsError):
 
 class OutputLockedError(OutputExistsError):
     """Another pack is writing the same output right now (it holds the output's lock)."""
+
+
+class OutputWriteError(ShardfitError, OSError):
+    """The output cannot be written: the disk or a quota is full, a file grows past its size
+    limit, or the place is read-only or not ours. The message names the path and what to do."""
 
 
 class ResumeMismatchError(ShardfitError, ValueError):

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -227,3 +229,70 @@ def test_a_second_packer_on_the_same_output_is_refused_and_the_first_finishes(
         first.wait()
     assert first.returncode == 0, stderr
     assert tree_bytes(out) == tree_bytes(ref)
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, options: str) -> Iterator[bool]:
+    """Mount a tmpfs at ``path`` (created) for the block; yield whether this process may mount."""
+    path.mkdir()
+    if shutil.which("mount") is None:
+        yield False
+        return
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
+    )
+    if done.returncode != 0:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def _fsize_limit(limit: int) -> Callable[[], None]:
+    def apply() -> None:  # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_full_disk_is_one_line_and_resume_finishes_once_there_is_room(
+    packed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A real full disk: a 512 KiB tmpfs (the store takes about 1 MB). Where this process may not
+    mount, a file size limit (RLIMIT_FSIZE, writes fail with EFBIG) stands in for it."""
+    src, ref = packed
+    disk = tmp_path / "disk"
+    with _tmpfs(disk, "size=512k") as mounted:
+        out = disk / "d.zarr"
+        args = [sys.executable, TOOL, str(src), str(out), *PACK_ARGS, "--quiet"]
+        limit = None if mounted else _fsize_limit(20_000)  # less than one shard (8 x 3 KiB)
+        full = subprocess.run(args, capture_output=True, text=True, preexec_fn=limit)
+        assert_one_line_error(full, "cannot write", str(out) + ".partial", "--resume")
+        assert ("No space left on device" if mounted else "File too large") in full.stderr
+        if mounted:  # the shards that fitted are kept
+            assert _records(out) >= 1
+            subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        resumed = run(str(src), str(out), *PACK_ARGS, "--resume", check=True)
+        if mounted:
+            assert "shards from the interrupted pack" in resumed.stdout
+        assert tree_bytes(out) == tree_bytes(ref)
+
+
+def test_a_read_only_output_is_one_line_naming_it(
+    packed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A read-only tmpfs where this process may mount; else, if not root, a folder of mode 0555
+    (root writes there anyway)."""
+    src, _ = packed
+    place = tmp_path / "ro"
+    with _tmpfs(place, "ro,size=64k") as mounted:
+        if not mounted:
+            if os.geteuid() == 0:
+                pytest.skip("root without mount permission: no way to make a folder read-only")
+            place.chmod(0o555)
+        out = place / "sub" / "d.zarr"
+        proc = run(str(src), str(out), *PACK_ARGS)
+        reason = "Read-only file system" if mounted else "Permission denied"
+        assert_one_line_error(proc, f"cannot write {place / 'sub'}: {reason}", "writable folder")

@@ -6,6 +6,7 @@ The public entry point is :func:`pack_images`; ``tools/pack_images.py`` is a thi
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -24,7 +25,9 @@ from shardfit.errors import (
     ImageDecodeError,
     OutputExistsError,
     OutputLockedError,
+    OutputWriteError,
     ResumeMismatchError,
+    ShardfitError,
 )
 from shardfit.pack._decode import DecodeSpec
 from shardfit.pack._plan import global_order, stratified_split
@@ -301,6 +304,8 @@ def pack_images(
         OutputExistsError: ``out`` or its interrupted pack is in the way.
         OutputLockedError: another pack is writing ``out`` now (checked before anything is
             written or removed).
+        OutputWriteError: the disk or a quota is full, a file size limit is hit, or the output
+            is read-only or not writable; after a full disk, ``resume=True`` finishes the pack.
         ResumeMismatchError: ``resume`` with another folder content or other options.
         ImageDecodeError: with ``on_error="raise"``, the first file that fails to decode (in
             storage order). Work so far is kept for ``resume``.
@@ -334,13 +339,46 @@ def pack_images(
         )
 
     _check_output_free(out_s, overwrite)
-    lock, created = _lock_partial(out_s, partial)
     try:
-        return _pack_locked(
-            scan, options, plan, out_s, partial, created, resume, overwrite, progress, started
+        lock, created = _lock_partial(out_s, partial)
+        try:
+            return _pack_locked(
+                scan, options, plan, out_s, partial, created, resume, overwrite, progress, started
+            )
+        finally:
+            os.close(lock)
+    except ShardfitError:
+        raise
+    except OSError as err:
+        raise _output_error(err, partial) from None
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _output_error(err: OSError, partial: str) -> OSError:
+    """The one-line error for a full or unwritable output; any other OSError as it is.
+
+    Only the output is written once the scan is done (decoding failures are skips), so these
+    errors are the output's. Every finished shard and its record are on disk already and the
+    shard being written was dropped, so a resume finishes the pack once there is room.
+    """
+    where = err.filename if isinstance(err.filename, str) else partial
+    if err.errno in _NO_SPACE:
+        new = OutputWriteError(
+            f"cannot write {where}: {err.strerror}: free space (or raise the quota or file size "
+            f"limit), then run again with resume=True to finish (work so far is kept in {partial})"
         )
-    finally:
-        os.close(lock)
+    elif err.errno in _NOT_WRITABLE:
+        new = OutputWriteError(
+            f"cannot write {where}: {err.strerror}: write the output to a writable folder, "
+            "or make this one writable"
+        )
+    else:
+        return err
+    new.errno = err.errno  # one argument keeps str() free of "[Errno N]"; the code stays
+    return new
 
 
 def _pack_locked(
