@@ -5,6 +5,7 @@ files and real filesystems (tmpfs mounts where this process may mount)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import shutil
@@ -19,8 +20,17 @@ import pytest
 from conftest import REPO, make_folder, tree_bytes
 from test_cli import PACK_ARGS, TOOL, assert_one_line_error, run
 
-from shardfit import IncompleteDatasetError, OutputLockedError, pack_images, read_info
-from shardfit.store._format import STATE_DIR
+from shardfit import (
+    ImageDecodeError,
+    IncompleteDatasetError,
+    OutputLockedError,
+    ResumeMismatchError,
+    pack_images,
+    read_info,
+)
+from shardfit.pack._plan import global_order
+from shardfit.pack._scan import scan_folder
+from shardfit.store._format import STATE_DIR, shard_path
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -296,3 +306,69 @@ def test_a_read_only_output_is_one_line_naming_it(
         proc = run(str(src), str(out), *PACK_ARGS)
         reason = "Read-only file system" if mounted else "Permission denied"
         assert_one_line_error(proc, f"cannot write {place / 'sub'}: {reason}", "writable folder")
+
+
+def _interrupted_pack(src: Path, out: Path) -> int:
+    """Pack ``src`` (40 images and an empty file) into ``out`` with ``on_error="raise"`` and a
+    seed that puts the empty file at position 20 or later: the pack stops there with 5 or more
+    shards of 4 recorded. Return the seed."""
+    (src / "b" / "zzz.jpg").write_bytes(b"")
+    scan = scan_folder(src)
+    bad = scan.paths.index("b/zzz.jpg")
+    seed = next(s for s in range(100) if list(global_order(len(scan.paths), s)).index(bad) >= 20)
+    with pytest.raises(ImageDecodeError):
+        pack_images(
+            src, out, image_size=(8, 8), shard_size=4, workers=0, seed=seed, on_error="raise"
+        )
+    return seed
+
+
+def _edit_record(record: Path, edit: str) -> None:
+    doc = json.loads(record.read_text())
+    if edit == "not-json":
+        record.write_text("{")
+        return
+    if edit == "label":
+        doc["labels"][0] = 1 - doc["labels"][0]
+    elif edit == "paths-swapped":
+        doc["paths"][0], doc["paths"][1] = doc["paths"][1], doc["paths"][0]
+    elif edit == "positions":
+        doc["end"] += 1
+    elif edit == "shard-number":
+        doc["shard"] = 7
+    elif edit == "wrong-type":
+        doc["labels"] = "0123"
+    record.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "label",
+        "paths-swapped",
+        "positions",
+        "shard-number",
+        "wrong-type",
+        "not-json",
+        "no-shard",
+        "cut-shard",
+    ],
+)
+def test_an_edited_progress_record_is_refused_never_used(folder, tmp_path: Path, edit: str) -> None:
+    src, _ = folder({"a": 20, "b": 20})
+    out = tmp_path / "d.zarr"
+    seed = _interrupted_pack(src, out)
+    record = Path(str(out) + ".partial") / STATE_DIR / "train-000001.json"
+    shard = Path(shard_path(str(out) + ".partial", "train", 1))
+    if edit == "no-shard":
+        shard.unlink()
+    elif edit == "cut-shard":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    else:
+        _edit_record(record, edit)
+    args = {"image_size": (8, 8), "shard_size": 4, "workers": 0, "seed": seed}
+    with pytest.raises(ResumeMismatchError, match=rf"progress record {record} .*overwrite=True"):
+        pack_images(src, out, resume=True, **args)
+    assert not out.exists()
+    report = pack_images(src, out, overwrite=True, **args)
+    assert report.reused_shards == 0 and report.counts == {"train": 40}

@@ -22,6 +22,7 @@ import numpy as np
 from shardfit._options import merge_options
 from shardfit._version import __version__
 from shardfit.errors import (
+    DatasetFormatError,
     ImageDecodeError,
     OutputExistsError,
     OutputLockedError,
@@ -33,7 +34,13 @@ from shardfit.pack._decode import DecodeSpec
 from shardfit.pack._plan import global_order, stratified_split
 from shardfit.pack._pool import DecodePool
 from shardfit.pack._scan import ScanResult, scan_folder
-from shardfit.pack._writer import SplitWriter, load_records, write_arrays
+from shardfit.pack._writer import (
+    ShardRecord,
+    SplitWriter,
+    _record_path,
+    load_records,
+    write_arrays,
+)
 from shardfit.pack.options import PackOptions
 from shardfit.store._format import (
     ATTRS_KEY,
@@ -41,8 +48,10 @@ from shardfit.store._format import (
     PARTIAL_SUFFIX,
     STATE_DIR,
     read_info,
+    shard_path,
     write_json_atomic,
 )
+from shardfit.store._shardio import read_full_shard_index
 
 __all__ = ["PackReport", "pack_images"]
 
@@ -413,7 +422,10 @@ def _pack_locked(
         return _report(out, scan, shard_size, skipped, reused, 0, started, 0)
     writers = {
         s: SplitWriter(
-            partial, s, shard_size, load_records(partial, s) if mode == "continue" else []
+            partial,
+            s,
+            shard_size,
+            _kept_records(partial, s, plan[s], scan, shard_size) if mode == "continue" else [],
         )
         for s in plan
     }
@@ -426,6 +438,82 @@ def _pack_locked(
     _publish(partial, out)
     written = sum(wr.bytes_written for wr in writers.values())
     return _report(out, scan, shard_size, skipped, reused, len(tasks), started, written)
+
+
+def _kept_records(
+    partial: str, split: str, positions: np.ndarray, scan: ScanResult, shard_size: int
+) -> list[ShardRecord]:
+    """The progress records of ``split`` to continue after, each checked against the plan.
+
+    The fingerprint says the folder and the options are the same; this says that the records
+    are the ones this plan writes, so that a record edited, mixed up or left from another pack
+    never goes into a store.
+
+    Raises:
+        ResumeMismatchError: naming the first record that does not match.
+    """
+    records = load_records(partial, split)
+    end = shard = 0
+    for seq, rec in enumerate(records):
+        why = _record_problem(rec, split, seq, end, shard, positions, scan, shard_size)
+        if why is None and rec.shard is not None:
+            why = _shard_problem(shard_path(partial, split, rec.shard), shard_size, len(rec.paths))
+        if why is not None:
+            raise ResumeMismatchError(
+                f"cannot resume: progress record {_record_path(partial, split, seq)} {why}; "
+                "pass overwrite=True to start over"
+            )
+        end = rec.end
+        shard += rec.shard is not None
+    return records
+
+
+def _record_problem(
+    rec: ShardRecord,
+    split: str,
+    seq: int,
+    start: int,
+    shard: int,
+    positions: np.ndarray,
+    scan: ScanResult,
+    shard_size: int,
+) -> str | None:
+    """What is wrong with record ``seq``, expected to cover positions from ``start`` on and
+    to hold shard ``shard`` (if any); None when it is what the plan would write."""
+    if rec.split != split or rec.seq != seq:
+        return f"is not record {seq} of split {split}"
+    if rec.start != start or not start < rec.end <= len(positions):
+        return f"covers positions [{rec.start}, {rec.end}) where [{start}, ...) comes next"
+    if rec.shard not in (None, shard):
+        return f"names shard {rec.shard} where shard {shard} comes next"
+    stored = len(rec.paths)
+    if len(rec.labels) != stored or (rec.shard is None) != (stored == 0):
+        return "does not list one label per stored image"
+    if stored != shard_size and rec.end != len(positions):  # only the last shard is smaller
+        return f"holds {stored} images where a shard holds {shard_size}"
+    i = k = 0  # the next stored image and the next skipped file of the record
+    for pos in range(rec.start, rec.end):
+        path, label = scan.paths[positions[pos]], int(scan.labels[positions[pos]])
+        if i < stored and rec.paths[i] == path and rec.labels[i] == label:
+            i += 1
+        elif k < len(rec.skipped) and rec.skipped[k][0] == path:
+            k += 1
+        else:
+            return f"does not match the source folder at position {pos} ({path})"
+    if i != stored or k != len(rec.skipped):
+        return "lists more files than its positions hold"
+    return None
+
+
+def _shard_problem(path: str, shard_size: int, stored: int) -> str | None:
+    """What is wrong with a recorded shard's file; None when it holds its ``stored`` images."""
+    if not os.path.isfile(path):
+        return f"names shard file {path}, which is missing"
+    try:
+        read_full_shard_index(path, shard_size, stored)
+    except (DatasetFormatError, OSError):
+        return f"names shard file {path}, which does not hold its {stored} images whole"
+    return None
 
 
 def _report(

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from shardfit.errors import ResumeMismatchError
 from shardfit.store._format import ATTRS_KEY, STATE_DIR, shard_path, write_json_atomic
 from shardfit.store._shardio import ShardFileWriter, read_full_shard_index, zarr_compressors
 
@@ -45,8 +46,21 @@ def _record_path(store: str, split: str, seq: int) -> str:
     return os.path.join(store, STATE_DIR, f"{split}-{seq:06d}.json")
 
 
+def _bad_record(path: str, why: str) -> ResumeMismatchError:
+    return ResumeMismatchError(
+        f"cannot resume: progress record {path} {why}; pass overwrite=True to start over"
+    )
+
+
 def load_records(store: str, split: str) -> list[ShardRecord]:
-    """The contiguous records of ``split`` from the first on, whose shard files are present."""
+    """The contiguous records of ``split`` from the first on, as written.
+
+    Only their form is checked here; the caller checks them against the source folder's plan
+    before anything is built on them (``_pack._check_records``).
+
+    Raises:
+        ResumeMismatchError: a record is not JSON or lacks a field.
+    """
     records: list[ShardRecord] = []
     while True:
         path = _record_path(store, split, len(records))
@@ -55,11 +69,37 @@ def load_records(store: str, split: str) -> list[ShardRecord]:
                 doc = json.load(f)
         except FileNotFoundError:
             return records
-        rec = ShardRecord(**doc)
-        rec.skipped = [(p, r) for p, r in doc["skipped"]]
-        if rec.shard is not None and not os.path.exists(shard_path(store, split, rec.shard)):
-            return records
+        except (OSError, ValueError) as err:
+            raise _bad_record(path, f"cannot be read ({err})") from None
+        try:
+            rec = ShardRecord(**doc)
+            rec.skipped = [(p, r) for p, r in doc["skipped"]]
+        except (TypeError, ValueError, KeyError):
+            rec = None
+        if rec is None or not _well_formed(rec):
+            raise _bad_record(path, "is not a progress record")
         records.append(rec)
+
+
+def _well_formed(rec: ShardRecord) -> bool:
+    """Whether every field of a record read from JSON has its type (bool is no int here)."""
+
+    def ints(*values: object) -> bool:
+        return all(type(v) is int for v in values)
+
+    def strs(*values: object) -> bool:
+        return all(isinstance(v, str) for v in values)
+
+    return (
+        isinstance(rec.split, str)
+        and ints(rec.seq, rec.start, rec.end)
+        and (rec.shard is None or ints(rec.shard))
+        and isinstance(rec.labels, list)
+        and ints(*rec.labels)
+        and isinstance(rec.paths, list)
+        and strs(*rec.paths)
+        and strs(*(item for pair in rec.skipped for item in pair))
+    )
 
 
 class SplitWriter:
