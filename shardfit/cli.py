@@ -20,6 +20,7 @@ from typing import NoReturn
 
 from shardfit.errors import ShardfitError
 from shardfit.pack._pack import PackReport, pack_images
+from shardfit.pack._scan import shown
 from shardfit.pack.options import COMPRESSIONS, DTYPES, INTERPOLATIONS, RESIZE_MODES, PackOptions
 
 __all__ = ["main", "pack_main"]
@@ -87,11 +88,11 @@ def _print_list(title: str, items: list[tuple[str, str]], limit: int | None) -> 
     if not items:
         return
     print(f"{title}: {len(items)}")
-    shown = items if limit is None else items[:limit]
-    for path, reason in shown:
-        print(f"  {path}: {reason}")
-    if len(shown) < len(items):
-        print(f"  ... {len(items) - len(shown)} more (all listed in the store's attributes)")
+    listed = items if limit is None else items[:limit]
+    for path, reason in listed:
+        print(f"  {shown(path)}: {shown(reason)}")  # a name need not be UTF-8
+    if len(listed) < len(items):
+        print(f"  ... {len(items) - len(listed)} more (all listed in the store's attributes)")
 
 
 def _summary(report: PackReport) -> None:
@@ -99,8 +100,9 @@ def _summary(report: PackReport) -> None:
     parts = ", ".join(
         f"{s}: {n} images in {report.num_shards[s]} shards" for s, n in report.counts.items()
     )
-    print(f"{verb} {report.output} ({parts}; {report.shard_size} images per shard)")
-    print(f"Classes ({len(report.class_names)}): {', '.join(report.class_names)}")
+    print(f"{verb} {shown(report.output)} ({parts}; {report.shard_size} images per shard)")
+    names = ", ".join(shown(c) for c in report.class_names)
+    print(f"Classes ({len(report.class_names)}): {names}")
     if not report.dry_run:
         rate = (
             f"{report.images_per_second:.0f} img/s" if report.decoded else "nothing left to decode"

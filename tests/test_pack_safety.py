@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_folder, tree_bytes
+import zarr
+from conftest import REPO, decode_index, make_folder, tree_bytes
 from test_cli import PACK_ARGS, TOOL, assert_one_line_error, run
 
 from shardfit import (
@@ -308,13 +309,13 @@ def test_a_read_only_output_is_one_line_naming_it(
         assert_one_line_error(proc, f"cannot write {place / 'sub'}: {reason}", "writable folder")
 
 
-def _interrupted_pack(src: Path, out: Path) -> int:
-    """Pack ``src`` (40 images and an empty file) into ``out`` with ``on_error="raise"`` and a
-    seed that puts the empty file at position 20 or later: the pack stops there with 5 or more
-    shards of 4 recorded. Return the seed."""
-    (src / "b" / "zzz.jpg").write_bytes(b"")
+def _interrupted_pack(src: Path, out: Path, bad_name: str = "b/zzz.jpg") -> int:
+    """Pack ``src`` (40 images and the empty file ``bad_name``) into ``out`` with
+    ``on_error="raise"`` and a seed that puts the empty file at position 20 or later: the pack
+    stops there with 5 or more shards of 4 recorded. Return the seed."""
+    (src / bad_name).write_bytes(b"")
     scan = scan_folder(src)
-    bad = scan.paths.index("b/zzz.jpg")
+    bad = scan.paths.index(bad_name)
     seed = next(s for s in range(100) if list(global_order(len(scan.paths), s)).index(bad) >= 20)
     with pytest.raises(ImageDecodeError):
         pack_images(
@@ -372,3 +373,63 @@ def test_an_edited_progress_record_is_refused_never_used(folder, tmp_path: Path,
     assert not out.exists()
     report = pack_images(src, out, overwrite=True, **args)
     assert report.reused_shards == 0 and report.counts == {"train": 40}
+
+
+CAFE = os.fsdecode(b"caf\xe9")  # Latin-1 bytes: not UTF-8, as in old archives and Windows zips
+NAIVE = os.fsdecode(b"a/na\xefve.png")
+BROKEN = os.fsdecode(b"a/bro\xeeken.jpg")
+
+
+def _odd_names(src: Path) -> dict[str, tuple[int, int]]:
+    """A folder with a class folder, an image, a broken file and a text file whose names are
+    not UTF-8; return the truth of its images by real relative path."""
+    truth = make_folder(src, {"a": 12, CAFE: 12})
+    (src / NAIVE).write_bytes((src / "a" / "img00003.png").read_bytes())
+    truth[NAIVE] = truth["a/img00003.png"]
+    (src / BROKEN).write_bytes(b"")
+    (src / os.fsdecode(b"a/notes\xff.txt")).write_text("not an image")
+    return truth
+
+
+def test_names_that_are_not_utf8_are_packed_by_their_bytes(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "d.zarr"
+    truth = _odd_names(src)
+    report = pack_images(src, out, image_size=(8, 8), shard_size=4, workers=2)
+    root = zarr.open_group(str(out), mode="r")
+    raw = [bytes(p).rstrip(b"\0") for p in root["train/paths"][:]]
+    assert sorted(raw) == sorted(os.fsencode(p) for p in truth)
+    assert os.fsencode(NAIVE) in raw and b"caf\xe9/img00012.png" in raw
+    for img, path in zip(root["train/images"][:], raw, strict=True):
+        assert decode_index(img) == truth[os.fsdecode(path)]
+    attrs = read_info(out).attrs  # JSON: odd bytes shown as \xNN
+    assert attrs["class_names"] == ["a", "caf\\xe9"]
+    assert attrs["skipped"] == [
+        {"path": "a/bro\\xeeken.jpg", "reason": "OSError: empty file (0 bytes)"}
+    ]
+    assert {"path": "a/notes\\xff.txt", "reason": "not an image file extension: .txt"} in attrs[
+        "ignored"
+    ]
+    # the report keeps real names, to open the files by
+    assert report.class_names == ("a", CAFE)
+    assert report.skipped == [(BROKEN, "OSError: empty file (0 bytes)")]
+
+
+def test_resume_with_names_that_are_not_utf8_equals_an_uninterrupted_pack(tmp_path: Path) -> None:
+    src, out, ref = tmp_path / "src", tmp_path / "d.zarr", tmp_path / "ref.zarr"
+    _odd_names(src)
+    (src / BROKEN).unlink()
+    seed = _interrupted_pack(src, out, BROKEN)
+    args = {"image_size": (8, 8), "shard_size": 4, "workers": 2, "seed": seed}
+    report = pack_images(src, out, resume=True, **args)
+    assert report.reused_shards >= 5 and report.skipped[0][0] == BROKEN
+    pack_images(src, ref, **args)
+    assert tree_bytes(out) == tree_bytes(ref)
+
+
+def test_cli_lists_names_that_are_not_utf8_without_failing(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _odd_names(src)
+    proc = run(str(src), str(tmp_path / "d.zarr"), "--image-size", "8", "8", check=True)
+    assert "Classes (2): a, caf\\xe9" in proc.stdout
+    assert "a/bro\\xeeken.jpg: OSError: empty file" in proc.stdout
+    assert "a/notes\\xff.txt: not an image file extension" in proc.stdout

@@ -6,6 +6,7 @@ The public entry point is :func:`pack_images`; ``tools/pack_images.py`` is a thi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import glob
 import hashlib
@@ -33,7 +34,7 @@ from shardfit.errors import (
 from shardfit.pack._decode import DecodeSpec
 from shardfit.pack._plan import global_order, stratified_split
 from shardfit.pack._pool import DecodePool
-from shardfit.pack._scan import ScanResult, scan_folder
+from shardfit.pack._scan import ScanResult, scan_folder, shown
 from shardfit.pack._writer import (
     ShardRecord,
     SplitWriter,
@@ -259,7 +260,7 @@ def _base_attrs(options: PackOptions, scan: ScanResult) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "shardfit_version": __version__,
-        "class_names": list(scan.class_names),
+        "class_names": [shown(c) for c in scan.class_names],
         "image_size": [h, w],
         "channels": 3,
         "resize": options.resize,
@@ -272,7 +273,7 @@ def _base_attrs(options: PackOptions, scan: ScanResult) -> dict[str, Any]:
         "shard_size": options.resolved_shard_size(),
         "seed": options.seed,
         "val_fraction": options.val_fraction,
-        "source_root": scan.root,
+        "source_root": shown(scan.root),
     }
 
 
@@ -434,7 +435,7 @@ def _pack_locked(
         log.info("resuming %s: %d complete shards kept", partial, reused)
     tasks = [(s, int(i)) for s, idx in plan.items() for i in idx[writers[s].pos :]]
     _decode_into_shards(scan, options, plan, tasks, writers, progress)
-    skipped = _finalize(partial, scan, options, writers)
+    skipped = _finalize(partial, scan, options, plan, writers)
     _publish(partial, out)
     written = sum(wr.bytes_written for wr in writers.values())
     return _report(out, scan, shard_size, skipped, reused, len(tasks), started, written)
@@ -491,18 +492,32 @@ def _record_problem(
         return "does not list one label per stored image"
     if stored != shard_size and rec.end != len(positions):  # only the last shard is smaller
         return f"holds {stored} images where a shard holds {shard_size}"
+    matched = _real_names(rec, positions, scan)
+    return matched if isinstance(matched, str) else None
+
+
+def _real_names(
+    rec: ShardRecord, positions: np.ndarray, scan: ScanResult
+) -> tuple[list[str], list[tuple[str, str]]] | str:
+    """The record's stored paths and skipped files by their real names (as the scan found
+    them; a record holds them as :func:`shown`), matched position by position against the
+    plan; or, where they do not match, what is wrong."""
+    paths: list[str] = []
+    skipped: list[tuple[str, str]] = []
     i = k = 0  # the next stored image and the next skipped file of the record
     for pos in range(rec.start, rec.end):
         path, label = scan.paths[positions[pos]], int(scan.labels[positions[pos]])
-        if i < stored and rec.paths[i] == path and rec.labels[i] == label:
+        if i < len(rec.paths) and rec.paths[i] == shown(path) and rec.labels[i] == label:
+            paths.append(path)
             i += 1
-        elif k < len(rec.skipped) and rec.skipped[k][0] == path:
+        elif k < len(rec.skipped) and rec.skipped[k][0] == shown(path):
+            skipped.append((path, rec.skipped[k][1]))
             k += 1
         else:
-            return f"does not match the source folder at position {pos} ({path})"
-    if i != stored or k != len(rec.skipped):
+            return f"does not match the source folder at position {pos} ({shown(path)})"
+    if i != len(rec.paths) or k != len(rec.skipped):
         return "lists more files than its positions hold"
-    return None
+    return paths, skipped
 
 
 def _shard_problem(path: str, shard_size: int, stored: int) -> str | None:
@@ -579,7 +594,9 @@ def _decode_into_shards(
                     skipped += 1
                     log.warning("skipped %s: %s", rel, result.error)
                     bar.set_postfix(skipped=skipped, refresh=False)
-                writers[split].add(rel, int(scan.labels[i]), result.chunk, result.error)
+                # records are JSON: the writer gets names as shown, the real ones are the plan's
+                error = None if result.error is None else shown(result.error)
+                writers[split].add(shown(rel), int(scan.labels[i]), result.chunk, error)
                 bar.update()
                 if writers[split].pos == len(plan[split]):
                     writers[split].flush()
@@ -593,19 +610,38 @@ def _decode_into_shards(
         writer.flush()  # a split with nothing left to decode (resumed at its very end)
 
 
+def _with_real_names(
+    records: list[ShardRecord], positions: np.ndarray, scan: ScanResult
+) -> list[ShardRecord]:
+    """``records`` with the real names of their files: the ``paths`` array stores a name's
+    bytes as the filesystem gives them, which a record (JSON) cannot hold."""
+    real = []
+    for rec in records:
+        matched = _real_names(rec, positions, scan)
+        if isinstance(matched, str):  # written by this pack, or checked when resumed
+            raise RuntimeError(f"progress record {rec.split} {rec.seq} {matched}")
+        real.append(dataclasses.replace(rec, paths=matched[0], skipped=matched[1]))
+    return real
+
+
 def _finalize(
-    partial: str, scan: ScanResult, options: PackOptions, writers: dict[str, SplitWriter]
+    partial: str,
+    scan: ScanResult,
+    options: PackOptions,
+    plan: dict[str, np.ndarray],
+    writers: dict[str, SplitWriter],
 ) -> list[tuple[str, str]]:
     """Write every split's arrays and the root attributes (``complete: true`` last of all);
-    return the skipped files."""
+    return the skipped files (by their real names)."""
     import zarr
 
     base = _base_attrs(options, scan)
+    records = {s: _with_real_names(wr.records, plan[s], scan) for s, wr in writers.items()}
     splits_attrs = {
         s: write_arrays(
             partial,
             s,
-            wr.records,
+            records[s],
             image_size=options.image_size,
             dtype=options.dtype,
             compression=options.compression,
@@ -613,15 +649,15 @@ def _finalize(
             num_classes=len(scan.class_names),
             group_attrs=base,
         )
-        for s, wr in writers.items()
+        for s in writers
     }
-    skipped = [item for wr in writers.values() for r in wr.records for item in r.skipped]
+    skipped = [item for recs in records.values() for r in recs for item in r.skipped]
     root = zarr.open_group(partial, mode="r+")
     root.attrs[ATTRS_KEY] = {
         **base,
         "splits": splits_attrs,
-        "skipped": [{"path": p, "reason": r} for p, r in skipped],
-        "ignored": [{"path": p, "reason": r} for p, r in scan.ignored],
+        "skipped": [{"path": shown(p), "reason": shown(r)} for p, r in skipped],
+        "ignored": [{"path": shown(p), "reason": shown(r)} for p, r in scan.ignored],
         "complete": True,
     }
     return skipped

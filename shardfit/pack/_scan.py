@@ -12,7 +12,18 @@ from PIL import Image
 
 from shardfit.errors import SourceFolderError
 
-__all__ = ["ScanResult", "image_extensions", "scan_folder"]
+__all__ = ["ScanResult", "image_extensions", "scan_folder", "shown"]
+
+
+def shown(name: str) -> str:
+    """``name`` as text that any JSON writer and terminal takes.
+
+    A file name that is not UTF-8 (old archives, zips made on Windows) reaches Python with its
+    odd bytes as lone surrogates (PEP 383), which UTF-8 cannot encode; each such byte is shown
+    as ``\\xNN`` instead. Names that are UTF-8, the usual case, come out unchanged, and so does
+    anything already shown. Only for display and JSON: the file is opened by its real name.
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def image_extensions() -> frozenset[str]:
@@ -143,9 +154,10 @@ def scan_folder(
     for rel in paths:
         try:
             st = os.stat(os.path.join(root_s, rel))
-            digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            line = f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n"
         except OSError:  # a dangling link: it will fail to decode and be reported then
-            digest.update(f"{rel}\0?\n".encode())
+            line = f"{rel}\0?\n"
+        digest.update(line.encode("utf-8", "surrogateescape"))  # a name's bytes as they are
     return ScanResult(
         root=root_s,
         class_names=names,

@@ -252,7 +252,7 @@ def write_arrays(
     # paths: UTF-8 bytes, NUL-padded to the longest, one row per sample. A uint8 array rather
     # than zarr's "string" data type (vlen-utf8), which tensorstore and most non-Python Zarr v3
     # readers cannot open.
-    encoded = [p.encode("utf-8") for p in paths]
+    encoded = [os.fsencode(p) for p in paths]  # names' bytes as on disk: UTF-8 where they are
     width = max(1, max(map(len, encoded), default=0))
     path_bytes = np.asarray(encoded, dtype=f"S{width}").view(np.uint8).reshape(n, width)
     pth = zarr.create_array(
