@@ -48,6 +48,27 @@ def test_scan_takes_every_extension_pillow_opens() -> None:
     assert ".txt" not in exts
 
 
+def test_symlinked_subfolders_are_followed(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _img(src / "cls" / "own.png")
+    _img(tmp_path / "elsewhere" / "far.png")
+    (src / "cls" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    scan = scan_folder(src)
+    assert scan.paths == ("cls/own.png", "cls/linked/far.png")
+    assert scan.ignored == ()
+
+
+def test_a_symlink_loop_is_listed_not_followed(tmp_path: Path) -> None:
+    _img(tmp_path / "cls" / "sub" / "a.png")
+    (tmp_path / "cls" / "sub" / "up").symlink_to("..", target_is_directory=True)
+    (tmp_path / "cls" / "again").symlink_to("sub", target_is_directory=True)
+    scan = scan_folder(tmp_path)
+    assert scan.paths == ("cls/sub/a.png",)
+    reasons = dict(scan.ignored)
+    assert reasons.keys() == {"cls/again/", "cls/sub/up/"}
+    assert all("link to a folder already read" in r for r in reasons.values())
+
+
 def test_explicit_class_names_set_label_order(tmp_path: Path) -> None:
     _img(tmp_path / "a" / "1.png")
     _img(tmp_path / "b" / "2.png")

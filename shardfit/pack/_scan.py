@@ -57,6 +57,11 @@ class ScanResult:
         return [int(c) for c in np.bincount(self.labels, minlength=len(self.class_names))]
 
 
+def _folder_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)  # through links: the folder a link leads to
+    return st.st_dev, st.st_ino
+
+
 def _walk_class(
     root: str, class_dir: str, exts: frozenset[str], ignored: list[tuple[str, str]]
 ) -> list[str]:
@@ -65,12 +70,32 @@ def _walk_class(
     def fail(err: OSError) -> None:
         raise SourceFolderError(f"cannot read folder {err.filename}: {err.strerror}")
 
-    for dirpath, dirnames, filenames in os.walk(os.path.join(root, class_dir), onerror=fail):
+    top = os.path.join(root, class_dir)
+    # Symlinked folders are followed, as a user who links folders in means them to be read;
+    # each folder is read once, by its (device, inode), so that a link back up (a loop) cannot
+    # make the walk endless and a second link to a folder cannot store its images twice.
+    seen = {_folder_id(top)}
+    for dirpath, dirnames, filenames in os.walk(top, onerror=fail, followlinks=True):
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
-        for d in sorted(dirnames):
+        kept = []
+        # among siblings, a real folder is kept rather than a link to it, whatever the names
+        for d in sorted(dirnames, key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d)):
             if d.startswith("."):
                 ignored.append((f"{rel_dir}/{d}/", "hidden folder"))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                continue
+            try:
+                folder = _folder_id(os.path.join(dirpath, d))
+            except OSError as err:  # os.walk would pass it over without a word
+                ignored.append((f"{rel_dir}/{d}/", f"cannot read folder: {err.strerror}"))
+                continue
+            if folder in seen:
+                ignored.append(
+                    (f"{rel_dir}/{d}/", "link to a folder already read (a loop or a second link)")
+                )
+                continue
+            seen.add(folder)
+            kept.append(d)
+        dirnames[:] = sorted(kept)
         for name in sorted(filenames):
             rel = f"{rel_dir}/{name}"
             if name.startswith("."):
@@ -91,6 +116,8 @@ def scan_folder(
 
     Hidden files and folders, loose files at the root and files whose extension Pillow cannot
     open are not taken; each is listed in :attr:`ScanResult.ignored` with its reason.
+    Symlinked folders are followed; a link to a folder already read in the same class (a loop,
+    or a second link) is not, and is listed.
 
     Raises:
         SourceFolderError: ``root`` is missing or not a folder, has no class subfolders, does not
