@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,7 +145,7 @@ def _partial_is_complete(partial: str) -> bool:
     return _root_attrs(partial).get("complete") is True
 
 
-def _lock_partial(out: str, partial: str) -> tuple[int, bool]:
+def _lock_partial(out: str, partial: str) -> tuple[int | None, bool]:
     """Create ``partial`` if needed and hold an exclusive lock on it for the whole pack.
 
     Return the locked directory's descriptor (closing it releases the lock) and whether this
@@ -153,11 +154,16 @@ def _lock_partial(out: str, partial: str) -> tuple[int, bool]:
     the directory at the publishing rename, and a lock file could not be removed safely. So
     that the locked inode stays the partial store, an old partial is emptied, never removed.
     ``flock`` locks vanish with their holder, however it dies; forked decode workers share the
-    lock but end with the packer.
+    lock but end with the packer. Windows has neither ``flock`` nor directory descriptors:
+    there the pack runs unlocked (descriptor ``None``).
     """
+    os.makedirs(os.path.dirname(partial), exist_ok=True)
+    if sys.platform == "win32":
+        created = not os.path.exists(partial)
+        os.makedirs(partial, exist_ok=True)
+        return None, created
     import fcntl
 
-    os.makedirs(os.path.dirname(partial), exist_ok=True)
     while True:
         created = False
         with contextlib.suppress(FileExistsError):
@@ -178,7 +184,7 @@ def _lock_partial(out: str, partial: str) -> tuple[int, bool]:
                 return fd, created
         except FileNotFoundError:
             pass
-        os.close(fd)  # the pack we waited on published it meanwhile: lock the new one
+        os.close(fd)  # another pack published it between our open and our lock: start again
 
 
 def _empty_dir(path: str) -> None:
@@ -356,7 +362,8 @@ def pack_images(
                 scan, options, plan, out_s, partial, created, resume, overwrite, progress, started
             )
         finally:
-            os.close(lock)
+            if lock is not None:
+                os.close(lock)
     except ShardfitError:
         raise
     except OSError as err:
