@@ -495,8 +495,10 @@ def _record_problem(
     if rec.shard not in (None, shard):
         return f"names shard {rec.shard} where shard {shard} comes next"
     stored = len(rec.paths)
-    if len(rec.labels) != stored or (rec.shard is None) != (stored == 0):
+    if len(rec.labels) != stored:
         return "does not list one label per stored image"
+    if (rec.shard is None) != (stored == 0):
+        return "names a shard without images, or images without a shard"
     if stored != shard_size and rec.end != len(positions):  # only the last shard is smaller
         return f"holds {stored} images where a shard holds {shard_size}"
     matched = _real_names(rec, positions, scan)
