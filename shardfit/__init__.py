@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from shardfit._version import __version__
 from shardfit.errors import (
+    ChecksumError,
     DatasetFormatError,
     ImageDecodeError,
     IncompleteDatasetError,
@@ -18,6 +19,7 @@ from shardfit.errors import (
     ShardfitError,
     SharedMemoryError,
     SourceFolderError,
+    StoreChangedError,
     TransformError,
     WorkerCrashedError,
 )
@@ -34,6 +36,7 @@ if TYPE_CHECKING:  # imported lazily at run time: they need Keras and its backen
 
 __all__ = [
     "BackupAndRestore",
+    "ChecksumError",
     "DatasetFormatError",
     "DatasetInfo",
     "ImageDecodeError",
@@ -50,6 +53,7 @@ __all__ = [
     "SourceFolderError",
     "SplitInfo",
     "SplitReader",
+    "StoreChangedError",
     "TransformError",
     "WorkerCrashedError",
     "__version__",

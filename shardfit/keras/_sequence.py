@@ -167,7 +167,9 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         self.mode: Mode = build_mode(opts)
         super().__init__(**_keras_arguments(opts, self.mode))
         self.transform = transform
-        self._reader = SplitReader(path, split, io="pread" if opts.io == "stream" else opts.io)
+        self._reader = SplitReader(
+            path, split, io="pread" if opts.io == "stream" else opts.io, verify=opts.verify
+        )
         #: whether epochs are shuffled: ``options.shuffle``, or by default for "train" only
         self.shuffle: bool = split == "train" if opts.shuffle is None else opts.shuffle
         #: how samples are read: "mmap", "pread" or "stream" (whole shards read ahead)

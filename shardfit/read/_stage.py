@@ -40,6 +40,7 @@ from shardfit.read._epoch import shard_order
 from shardfit.read._reader import ShardGetter, ShardView, SplitReader, _choose_io, memory_bytes
 from shardfit.read.options import IoChoice, Mode
 from shardfit.store._format import shard_path
+from shardfit.store._validate import open_regular
 
 __all__ = ["STREAMS", "ShardStager", "drops_cache", "read_path"]
 
@@ -265,10 +266,7 @@ class ShardStager:
 
     def _read(self, shard: int, buffer: mmap.mmap) -> ShardView:
         path = shard_path(self._reader.path, self._reader.split, shard)
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise DatasetFormatError(f"shard file {path} is missing: re-pack the dataset") from None
+        fd = open_regular(path)
         try:
             size = os.fstat(fd).st_size
             if size > len(buffer):

@@ -21,11 +21,15 @@ import numpy as np
 import numpy.typing as npt
 
 from shardfit.errors import DatasetFormatError
+from shardfit.store._validate import open_regular
 
 __all__ = [
+    "CHECKSUM_BYTES",
     "MISSING",
     "ChunkEncoder",
     "ShardFileWriter",
+    "crc32c",
+    "read_chunk_checksums",
     "read_full_shard_index",
     "read_shard_index",
     "zarr_compressors",
@@ -36,16 +40,39 @@ _ZSTD_LEVEL = 3
 _BLOSC_LEVEL = 5
 
 
-def zarr_compressors(compression: str, itemsize: int) -> Any:
-    """The ``compressors=`` argument for ``zarr.create_array`` matching :class:`ChunkEncoder`."""
-    from zarr.codecs import BloscCodec, ZstdCodec
+#: Bytes of the crc32c (Castagnoli, little-endian) that ends every chunk of a format-3 store,
+#: as Zarr v3's ``crc32c`` codec appends it.
+CHECKSUM_BYTES = 4
+
+
+def crc32c(data: Any) -> int:
+    """crc32c of any contiguous buffer (bytes, a mapping, an array), without copying it.
+
+    ``google_crc32c`` takes only objects that need no buffer release (bytes, numpy arrays), so
+    anything else is seen through a numpy view. About 8-10 GB/s on one core here, faster than
+    copying the same bytes.
+    """
+    if not isinstance(data, bytes | np.ndarray):
+        data = np.frombuffer(data, np.uint8)
+    elif isinstance(data, np.ndarray) and data.dtype != np.uint8:
+        data = data.reshape(-1).view(np.uint8)
+    return int(google_crc32c.value(data))
+
+
+def zarr_compressors(compression: str, itemsize: int) -> list[Any]:
+    """The ``compressors=`` argument for ``zarr.create_array`` matching :class:`ChunkEncoder`,
+    then the ``crc32c`` codec that ends every chunk with its checksum."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
     if compression == "none":
-        return None
+        return [Crc32cCodec()]
     if compression == "zstd":
-        return [ZstdCodec(level=_ZSTD_LEVEL, checksum=False)]
+        return [ZstdCodec(level=_ZSTD_LEVEL, checksum=False), Crc32cCodec()]
     if compression == "blosc-lz4":
-        return [BloscCodec(cname="lz4", clevel=_BLOSC_LEVEL, shuffle="shuffle", typesize=itemsize)]
+        return [
+            BloscCodec(cname="lz4", clevel=_BLOSC_LEVEL, shuffle="shuffle", typesize=itemsize),
+            Crc32cCodec(),
+        ]
     raise ValueError(f"unknown compression {compression!r}")
 
 
@@ -199,12 +226,20 @@ class ShardFileWriter:
         self._pending_stage = full
         self._stage, self._spare, self._fill = spare, None, 0
 
-    def append(self, chunk: bytes | memoryview) -> None:
-        """Write the next inner chunk's encoded bytes."""
+    def append(self, *parts: bytes | memoryview) -> None:
+        """Write the next inner chunk: its encoded bytes, in one or more parts (e.g. the image
+        and its checksum, so the image need not be copied to append four bytes)."""
         if len(self._sizes) == self.chunks_per_shard:
             raise ValueError(f"shard {self.path} already holds {self.chunks_per_shard} chunks")
-        view = memoryview(chunk).cast("B")
-        n = len(view)
+        n = 0
+        for part in parts:
+            view = memoryview(part).cast("B")
+            n += len(view)
+            self._append_bytes(view)
+        self._sizes.append(n)
+        self.nbytes += n
+
+    def _append_bytes(self, view: memoryview) -> None:
         while view:
             if self._stage is None:
                 self._write(view)
@@ -215,8 +250,6 @@ class ShardFileWriter:
             view = view[take:]
             if self._fill == _STAGE_BYTES:
                 self._send_stage()
-        self._sizes.append(n)
-        self.nbytes += n
 
     def close(self) -> int:
         """Write the index, publish the file under its name; return its size in bytes."""
@@ -257,14 +290,13 @@ def read_shard_index(path: str, chunks_per_shard: int) -> npt.NDArray[np.uint64]
             points outside the file. The message names the file.
     """
     nbytes = chunks_per_shard * 16
+    fd = open_regular(path)
     try:
-        size = os.path.getsize(path)
+        size = os.fstat(fd).st_size
         _check_index_fits(path, size, nbytes)
-        with open(path, "rb") as f:
-            f.seek(size - nbytes - 4)
-            raw = f.read(nbytes + 4)
-    except FileNotFoundError:
-        raise DatasetFormatError(f"shard file {path} is missing: re-pack the dataset") from None
+        raw = os.pread(fd, nbytes + 4, size - nbytes - 4)
+    finally:
+        os.close(fd)
     return _parse_index(path, raw, size, chunks_per_shard)
 
 
@@ -321,3 +353,19 @@ def _check_present(path: str, index: npt.NDArray[np.uint64], expect: int) -> Non
         raise DatasetFormatError(
             f"shard file {path} holds {present} of its {expect} images: re-pack the dataset"
         )
+
+
+def read_chunk_checksums(path: str, index: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint32]:
+    """The crc32c each present chunk of the shard file at ``path`` ends with (its last
+    :data:`CHECKSUM_BYTES` bytes), in index order: what the packer records in ``checksums``."""
+    out = np.zeros(len(index), np.uint32)
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        for j, (off, n) in enumerate(index.tolist()):
+            if off == MISSING:
+                continue
+            raw = os.pread(fd, CHECKSUM_BYTES, off + n - CHECKSUM_BYTES)
+            if len(raw) != CHECKSUM_BYTES:
+                raise DatasetFormatError(f"shard file {path} is truncated: re-pack the dataset")
+            out[j] = int.from_bytes(raw, "little")
+    return out
