@@ -119,6 +119,7 @@ FIT_CEILING = "fit: constant batch (ceiling)"
 #: Variants that need Keras (and so TensorFlow) imported: measured from that baseline.
 USES_KERAS = {
     "shardfit float32",
+    "shardfit float32, verify off",
     "shardfit uint8",
     "shardfit zstd",
     "shardfit 2 threads",
