@@ -314,7 +314,9 @@ class SplitReader:
 
     def shard_of_bytes(self, k: int, data: memoryview) -> ShardView:
         """Shard ``k`` from the whole content of its file, read into memory by the caller
-        (``shardfit.read._stage``); its index is checked as when read from the file.
+        (``shardfit.read._stage``, in its reading threads); its index is checked as when read
+        from the file, and its samples verified here (as ``verify`` says), so that reads from
+        the view returned need no checking.
 
         Raises:
             DatasetFormatError: the content is truncated or corrupt (the file is named).
@@ -322,7 +324,14 @@ class SplitReader:
         path = shard_path(self.path, self.split, k)
         expect = min(self.shard_size, self.count - k * self.shard_size)
         index = shard_index_of_bytes(path, data, self.shard_size, expect)[:expect]
-        return data, index, self._dense(path, data, index)
+        dense = self._dense(path, data, index)
+        if self.verify != "off":
+            for j, (off, n) in enumerate(index.tolist()):
+                n -= self._trailer
+                payload = np.frombuffer(data, np.uint8, n, off)
+                stored = int.from_bytes(data[off + n : off + n + self._trailer], "little")
+                self._check_sample(k * self.shard_size + j, payload, stored)
+        return data, index, dense
 
     def _shard_file(self, k: int) -> _ShardFile:
         """Shard ``k`` opened for ``pread`` in this process (index read and checked once)."""
@@ -479,7 +488,8 @@ class SplitReader:
         ``out`` may be float32 (uint8 stores are converted as ``pixel / 255``) or the stored dtype.
         Safe to call from several threads at once, each with its own ``out``. ``shards``, if
         given, supplies the bytes of every shard the samples are in (whole shards read ahead
-        into memory), instead of reading the files.
+        into memory, each made by :meth:`shard_of_bytes`, which verified them), instead of
+        reading the files.
 
         Raises:
             IndexError: an index is outside ``[0, count)``.
@@ -503,7 +513,7 @@ class SplitReader:
         """Samples copied (uncompressed) or decoded from shard bytes in memory (``mapped``: this
         reader's own mappings, whose files' sizes are checked once per batch)."""
         convert = out.dtype != self.stored_dtype
-        check = self.verify != "off"
+        check = mapped and self.verify != "off"  # other shard views were checked when made
         sized: set[int] = set()
         for b, i in enumerate(np.asarray(indices, dtype=np.int64).tolist()):
             if not 0 <= i < self.count:
