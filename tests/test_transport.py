@@ -459,7 +459,9 @@ def test_a_new_fit_trains_after_a_worker_was_killed_and_after_close(store: Path)
     model = _small_model()
     killer = _KillWorkerAt(seq, batch=1)
     # under TensorFlow, fit re-raises the generator's error as its own, with its text
-    with pytest.raises(Exception, match="WorkerCrashedError: data worker process .* SIGKILL"):
+    # (whether the pool learns the signal depends on which thread reaps the process first)
+    crashed = r"WorkerCrashedError: data worker process \d+ (was killed|died)"
+    with pytest.raises(Exception, match=crashed):
         model.fit(seq, epochs=3, verbose=0, callbacks=[killer])
     assert killer.killed
     # the same Sequence, a new fit: new workers from its first request on (Keras asks for
