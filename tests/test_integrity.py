@@ -422,3 +422,40 @@ def test_fit_on_a_damaged_store_stops_naming_the_file(
     # through tf.data, which re-raises them as its own error type, with their text
     assert err.type is ChecksumError or "ChecksumError: " in str(err.value)
     seq.close()
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_streamed_reads_are_verified_as_they_arrive(
+    packed: dict[str, Path], tmp_path: Path, compression: str
+) -> None:
+    pytest.importorskip("keras")
+    from shardfit import Sequence
+
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(packed[compression], store)
+    clean = Sequence(store, batch_size=4, io="stream", shuffle=False)
+    want = [clean[i][0].copy() for i in range(len(clean))]
+    clean.close()
+    file = _shard(store, 2)
+    _patch(file, 3, b"\x55")  # inside the first image (or its compressed frame)
+    seq = Sequence(store, batch_size=4, io="stream", shuffle=False)
+    with pytest.raises(ChecksumError, match=re.escape(str(file)) + ".* sample 8 "):
+        for i in range(len(seq)):
+            got = seq[i][0]
+            np.testing.assert_array_equal(got, want[i])  # until the damaged shard: exact
+    seq.close()
+
+
+def test_checksums_computed_piece_by_piece_equal_whole_ones() -> None:
+    from shardfit.read._reader import PieceChecksums
+    from shardfit.store._shardio import crc32c
+
+    stride, payload, count = 1000, 996, 7
+    data = np.random.default_rng(0).integers(0, 256, stride * count + 50, dtype=np.uint8)
+    for seed in range(20):
+        cuts = np.sort(np.random.default_rng(seed).integers(0, data.size, 5)).tolist()
+        checker = PieceChecksums(data, stride, payload, count)
+        for start, end in zip([0, *cuts], [*cuts, data.size], strict=True):
+            checker.feed(start, end)
+        want = [crc32c(data[j * stride : j * stride + payload]) for j in range(count)]
+        assert checker.crcs.tolist() == want

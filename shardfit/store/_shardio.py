@@ -29,6 +29,7 @@ __all__ = [
     "ChunkEncoder",
     "ShardFileWriter",
     "crc32c",
+    "crc32c_extend",
     "read_chunk_checksums",
     "read_full_shard_index",
     "read_shard_index",
@@ -45,27 +46,31 @@ _BLOSC_LEVEL = 5
 CHECKSUM_BYTES = 4
 
 
-def _native_crc32c() -> Any:
-    """``crc32c_value`` of the library ``google_crc32c`` wraps, called through ctypes, which
-    lets other threads run meanwhile: ``google_crc32c.value`` holds the GIL except on bytes
-    objects of 1 MB or more, so a thread verifying a shard it has just read would stall the
-    thread building batches. ``None`` where the wheel's layout differs (then that is used)."""
+def _native_crc32c() -> tuple[Any, Any]:
+    """``crc32c_value`` and ``crc32c_extend`` of the library ``google_crc32c`` wraps, called
+    through ctypes, which lets other threads run meanwhile: ``google_crc32c.value`` holds the
+    GIL except on bytes objects of 1 MB or more, so a thread verifying a shard it has just read
+    would stall the thread building batches. ``None`` where the wheel's layout differs (then
+    ``google_crc32c`` itself is used)."""
     import ctypes
     import glob
 
     libs = os.path.join(os.path.dirname(google_crc32c.__file__), os.pardir, "google_crc32c.libs")
     for path in sorted(glob.glob(os.path.join(libs, "libcrc32c*.so*"))):
         try:
-            fn = ctypes.CDLL(path).crc32c_value
+            lib = ctypes.CDLL(path)
+            value, extend = lib.crc32c_value, lib.crc32c_extend
         except (OSError, AttributeError):
             continue
-        fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-        fn.restype = ctypes.c_uint32
-        return fn
-    return None
+        value.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        value.restype = ctypes.c_uint32
+        extend.argtypes = (ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t)
+        extend.restype = ctypes.c_uint32
+        return value, extend
+    return None, None
 
 
-_NATIVE = _native_crc32c()
+_NATIVE, _NATIVE_EXTEND = _native_crc32c()
 
 
 def crc32c(data: Any) -> int:
@@ -80,6 +85,14 @@ def crc32c(data: Any) -> int:
         return int(_NATIVE(arr.ctypes.data, arr.nbytes))
     # google_crc32c takes only objects that need no buffer release (bytes, numpy arrays)
     return int(google_crc32c.value(arr.reshape(-1).view(np.uint8)))
+
+
+def crc32c_extend(crc: int, data: npt.NDArray[np.uint8]) -> int:
+    """``crc`` continued over the contiguous bytes ``data`` (as :func:`crc32c`: no copy, and
+    outside the GIL where possible)."""
+    if _NATIVE_EXTEND is not None:
+        return int(_NATIVE_EXTEND(crc, data.ctypes.data, data.nbytes))
+    return int(google_crc32c.extend(crc, data))
 
 
 def zarr_compressors(compression: str, itemsize: int) -> list[Any]:
