@@ -446,9 +446,10 @@ class SplitReader:
             return
         now = _pack_id_now(self.path)
         if now != self.pack_id:
+            what = "removed" if now is None else f"replaced by another pack (pack id {now})"
             raise StoreChangedError(
-                f"{self.path} was replaced by another pack (pack id {self.pack_id} when opened, "
-                f"{now} now) while it was being read: open it again to read the new store"
+                f"{self.path} was {what} while it was being read (pack id {self.pack_id} when "
+                "opened): open it again to read the new store"
             )
 
     def _verified(self, k: int) -> npt.NDArray[np.bool_]:
