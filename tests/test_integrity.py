@@ -459,3 +459,38 @@ def test_checksums_computed_piece_by_piece_equal_whole_ones() -> None:
             checker.feed(start, end)
         want = [crc32c(data[j * stride : j * stride + payload]) for j in range(count)]
         assert checker.crcs.tolist() == want
+
+
+_SHRINK_CHILD = """
+import os, sys
+import numpy as np
+import shardfit
+store = sys.argv[1]
+reader = shardfit.open_split(store, io="mmap")
+reader.read(np.arange(8))  # shards 0 and 1 mapped
+path = shardfit.shard_path(store, "train", 1)
+os.truncate(path, 100)  # cut short in place, under the mapping
+try:
+    reader.read(np.arange(8))
+except shardfit.DatasetFormatError as err:
+    print("ERROR", err)
+"""
+
+
+def test_a_shard_cut_short_under_its_mapping_is_an_error_not_sigbus(
+    packed: dict[str, Path], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(packed["none"], store)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHRINK_CHILD, str(store)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]  # not killed by SIGBUS (-7)
+    assert f"ERROR shard file {_shard(store, 1)} shrank from" in proc.stdout
