@@ -74,9 +74,20 @@ def deadline(seconds: int) -> Iterator[None]:
 
 
 def read_everything(path: Path, io: str) -> None:
-    """Every read a user makes of a store: its info, then each split's labels and images."""
+    """Every read a user makes of a store: its info, then each split's labels and images
+    (``io="stream"``: through a Sequence, whole shards read ahead)."""
     info = read_info(path)
     for split in info.splits:
+        if io == "stream":
+            from shardfit import Sequence
+
+            seq = Sequence(path, split, batch_size=5, io="stream", shuffle=False)
+            try:
+                assert seq.labels.size == seq.num_samples
+                assert sum(len(seq[i][0]) for i in range(len(seq))) == seq.num_samples
+            finally:
+                seq.close()
+            continue
         reader = open_split(path, split, io=io)  # type: ignore[arg-type]
         reader.labels()
         images = reader.read(np.arange(reader.count))
@@ -146,6 +157,13 @@ def empty_shard(store: Path) -> Path:
 def remove_shard(store: Path) -> Path:
     file = _shard(store, 3)
     file.unlink()
+    return file
+
+
+def grow_shard(store: Path) -> Path:
+    file = _shard(store, 1)
+    with open(file, "ab") as f:
+        f.truncate(10**12)  # a sparse terabyte: must be refused before anything is sized by it
     return file
 
 
@@ -233,6 +251,7 @@ DAMAGES: dict[str, Callable[[Path], Path]] = {
     "an empty shard": empty_shard,
     "a missing shard": remove_shard,
     "a shard that is a FIFO": shard_is_a_fifo,
+    "a shard of a terabyte": grow_shard,
     "a flipped byte in the labels": flip_label_byte,
     "a label of -1": label_minus_one,
     "a label of another class": label_of_another_class,
@@ -285,7 +304,7 @@ def _edit_group(store: Path, **changes: object) -> Path:
     return file
 
 
-@pytest.mark.parametrize("io", ["mmap", "pread"])
+@pytest.mark.parametrize("io", ["mmap", "pread", "stream"])
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_every_damaged_store_raises_an_error_naming_the_file(
     packed: dict[str, Path], tmp_path: Path, damage: str, io: str

@@ -255,7 +255,7 @@ class SplitReader:
             bad = bool(np.any(sizes != self._stride))
         else:
             bad = bool(np.any(sizes <= self._trailer)) or bool(
-                np.any(sizes > self._chunk_bytes + self._chunk_bytes // 64 + 4096)
+                np.any(sizes > self._chunk_bytes + self._chunk_bytes // 64 + 4096 + self._trailer)
             )
         if bad:
             raise DatasetFormatError(
@@ -387,10 +387,26 @@ class SplitReader:
         """
         return self._index(shard)[1][:, 0].astype(np.int64)
 
+    def max_shard_bytes(self, k: int) -> int:
+        """The largest shard ``k``'s file can be: its images (at most a compressor's frame of
+        each, a little larger than the image when it does not compress), their checksums and
+        the index. Exact when uncompressed."""
+        expect = min(self.shard_size, self.count - k * self.shard_size)
+        chunk = self._stride
+        if self.compression != "none":
+            chunk = self._chunk_bytes + self._chunk_bytes // 64 + 4096 + self._trailer
+        return expect * chunk + 16 * self.shard_size + 4
+
     def _index(self, k: int) -> tuple[str, npt.NDArray[np.uint64]]:
         """Shard ``k``'s path and the index entries of the samples it holds (read, checked)."""
         path = shard_path(self.path, self.split, k)
         expect = min(self.shard_size, self.count - k * self.shard_size)
+        size = regular_file_size(path)
+        if size > self.max_shard_bytes(k):
+            raise DatasetFormatError(
+                f"shard file {path} is {size} bytes, more than a shard of this store can be: "
+                "the store is damaged; re-pack the dataset"
+            )
         return path, read_full_shard_index(path, self.shard_size, expect)[:expect]
 
     def read(self, indices: npt.ArrayLike) -> npt.NDArray[np.float32]:

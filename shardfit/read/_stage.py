@@ -269,6 +269,11 @@ class ShardStager:
         fd = open_regular(path)
         try:
             size = os.fstat(fd).st_size
+            if size > self._reader.max_shard_bytes(shard):
+                raise DatasetFormatError(
+                    f"shard file {path} is {size} bytes, more than a shard of this store can "
+                    "be: the store is damaged; re-pack the dataset"
+                )
             if size > len(buffer):
                 raise DatasetFormatError(
                     f"shard file {path} changed size while being read: re-pack the dataset"
@@ -321,7 +326,10 @@ def read_path(
 
 
 def _file_size(reader: SplitReader, shard: int) -> int:
+    """Bytes to hold shard ``shard``'s file: its size, if no larger than such a shard can be (a
+    buffer is made for it before it is read: a damaged store must not make a huge one)."""
     try:
-        return os.stat(shard_path(reader.path, reader.split, shard)).st_size
+        size = os.stat(shard_path(reader.path, reader.split, shard)).st_size
     except FileNotFoundError:
         return 0  # the read reports it, naming the file
+    return min(size, reader.max_shard_bytes(shard))
