@@ -73,14 +73,36 @@ def ceiling_ram(ctx: Ctx) -> EpochFn:
     return epoch
 
 
+def stride(r: Any) -> int:
+    """Bytes from one float32 sample to the next in a shard file: the image, then (format 3
+    on) its 4-byte checksum."""
+    return int(np.prod(r.image_shape)) * 4 + (4 if r.checksummed else 0)
+
+
+def images_in(r: Any, buf: Any, n: int, offset: int = 0) -> np.ndarray:
+    """The ``n`` float32 images laid out from ``offset`` of ``buf`` as a shard file holds them
+    (each followed by its checksum): a strided view, nothing copied."""
+    h, w, c = r.image_shape
+    return np.ndarray(
+        (n, h, w, c),
+        np.float32,
+        buffer=buf,
+        offset=offset,
+        strides=(stride(r), w * c * 4, c * 4, 4),
+    )
+
+
+def memmap_images(r: Any, k: int) -> np.ndarray:
+    """Shard ``k``'s images as an ``np.memmap``-backed array ``(n, H, W, 3)``: sample ``j`` at
+    its offset in the file (from the shard's index; each ends with its 4-byte checksum)."""
+    offsets = r.sample_offsets(k)
+    return images_in(r, np.memmap(r.shard_files()[k], np.uint8, "r"), offsets.size, int(offsets[0]))
+
+
 def ceiling_memmap(ctx: Ctx) -> EpochFn:
     """np.memmap of every shard file, each sample copied into one reused buffer."""
     r = _reader(ctx)
-    maps = []
-    for k, file in enumerate(r.shard_files()):
-        n = min(r.shard_size, r.count - k * r.shard_size)
-        off = int(r.sample_offsets(k)[0])
-        maps.append(np.memmap(file, np.float32, "r", off, (n, *r.image_shape)))
+    maps = [memmap_images(r, k) for k in range(r.num_shards)]
     labels = r.labels()
     buf = np.empty((ctx.batch, *r.image_shape), np.float32)
 
@@ -100,7 +122,7 @@ def ceiling_preadv(ctx: Ctx) -> EpochFn:
     Reads shards in the epoch's shard order; batches are cut from the shard just read."""
     r = _reader(ctx)
     labels = r.labels()
-    per = int(np.prod(r.image_shape)) * 4
+    per = stride(r)
     buf = np.empty(r.shard_size * per, np.uint8)
     files = shard_files(ctx.stores["float32"])
 
@@ -117,7 +139,7 @@ def ceiling_preadv(ctx: Ctx) -> EpochFn:
                     )
             finally:
                 os.close(fd)
-            images = buf[: n * per].view(np.float32).reshape(n, *r.image_shape)
+            images = images_in(r, buf, n)
             for s in range(0, n, ctx.batch):
                 yield (
                     images[s : s + ctx.batch],
@@ -145,7 +167,7 @@ def ceiling_parallel(ctx: Ctx) -> EpochFn:
 
     r = _reader(ctx)
     labels = r.labels()
-    per = int(np.prod(r.image_shape)) * 4
+    per = stride(r)
     files = shard_files(ctx.stores["float32"])
     # one buffer per thread, plus the one being cut into batches and one waiting
     free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
@@ -179,7 +201,7 @@ def ceiling_parallel(ctx: Ctx) -> EpochFn:
                 if len(pending) < len(order):
                     pending.append(pool.submit(read, order[len(pending)]))
                 n = min(r.shard_size, r.count - k * r.shard_size)
-                images = buf[: n * per].view(np.float32).reshape(n, *r.image_shape)
+                images = images_in(r, buf, n)
                 for s in range(0, n, ctx.batch):
                     yield (
                         images[s : s + ctx.batch],
@@ -223,11 +245,11 @@ def ceiling_streams(ctx: Ctx) -> EpochFn:
 # -- shardfit ---------------------------------------------------------------------------------
 
 
-def _shardfit(name: str) -> Callable[[Ctx], EpochFn]:
+def _shardfit(name: str, **kwargs: Any) -> Callable[[Ctx], EpochFn]:
     def factory(ctx: Ctx) -> EpochFn:
         from shardfit import Sequence
 
-        seq = Sequence(ctx.stores[name], batch_size=ctx.batch, seed=0)
+        seq = Sequence(ctx.stores[name], batch_size=ctx.batch, seed=0, **kwargs)
 
         def epoch(e: int) -> Iterator[Batch]:
             # called for epochs 0, 1, ... in turn; the epoch hooks, as a training loop calls
@@ -348,7 +370,8 @@ def tfdata_dataset(ctx: Ctx, e: int) -> Any:
     r = _reader(ctx)
     files = [str(f) for f in shard_files(ctx.stores["float32"])]
     labels = r.labels()
-    per = int(np.prod(r.image_shape)) * 4
+    per = stride(r)  # each record: an image, then its checksum
+    pixels = int(np.prod(r.image_shape))
     footer = 16 * r.shard_size + 4
     starts = np.array([k * r.shard_size for k in range(len(files))], np.int64)
 
@@ -358,7 +381,7 @@ def tfdata_dataset(ctx: Ctx, e: int) -> Any:
         return tf.data.Dataset.zip((images, ids))
 
     def decode(raw: Any, i: Any) -> Any:
-        x = tf.reshape(tf.io.decode_raw(raw, tf.float32), r.image_shape)
+        x = tf.reshape(tf.io.decode_raw(raw, tf.float32)[:pixels], r.image_shape)
         return x, tf.gather(labels, i)
 
     return (
@@ -386,6 +409,10 @@ VARIANTS: dict[str, Callable[[Ctx], EpochFn]] = {
     "ceiling: parallel reads": ceiling_parallel,
     "ceiling: shard streams": ceiling_streams,
     "shardfit float32": _shardfit("float32"),
+    # what verifying reads costs: the same row without it (verify="once", the default, checks
+    # each sample's crc32c the first time this process reads it, and on every read that the
+    # chunk is the one packed there)
+    "shardfit float32, verify off": _shardfit("float32", verify="off"),
     "shardfit uint8": _shardfit("uint8"),
     "shardfit zstd": _shardfit("zstd"),
     "shardfit 2 threads": shardfit_workers(False),
@@ -502,6 +529,7 @@ def fit_tfdata(ctx: Ctx) -> Any:
 FIT_VARIANTS: dict[str, Callable[[Ctx], Any]] = {
     "fit: constant batch (ceiling)": fit_constant,
     "fit: shardfit": fit_shardfit(),
+    "fit: shardfit, verify off": fit_shardfit(verify="off"),
     "fit: shardfit 2 threads": fit_shardfit(workers=2, max_queue_size=10),
     "fit: shardfit 2 processes": fit_shardfit(
         workers=2, use_multiprocessing=True, max_queue_size=10

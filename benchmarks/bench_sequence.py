@@ -84,11 +84,9 @@ def run_variant(variant: str, path: Path, batch: int) -> dict:
     buf = np.empty((batch, h, w, c), np.float32)
     shards = []
     if variant == "memmap-copy":  # mapped once, as the reader maps each shard once
-        for k in range(reader.num_shards):
-            n = min(reader.shard_size, reader.count - k * reader.shard_size)
-            file = reader.shard_files()[k]
-            offset = int(reader.sample_offsets(k)[0])
-            shards.append(np.memmap(file, np.float32, "r", offset, (n, h, w, c)))
+        from _loaders import memmap_images
+
+        shards = [memmap_images(reader, k) for k in range(reader.num_shards)]
     if variant.startswith("sequence"):
         from shardfit import Sequence
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from shardfit._version import __version__
 from shardfit.errors import (
+    ChecksumError,
     DatasetFormatError,
     ImageDecodeError,
     IncompleteDatasetError,
@@ -20,6 +21,7 @@ from shardfit.errors import (
     ShardfitError,
     SharedMemoryError,
     SourceFolderError,
+    StoreChangedError,
     TransformError,
     WorkerCrashedError,
 )
@@ -36,6 +38,7 @@ if TYPE_CHECKING:  # imported lazily at run time: they need Keras and its backen
 
 __all__ = [
     "BackupAndRestore",
+    "ChecksumError",
     "DatasetFormatError",
     "DatasetInfo",
     "ImageDecodeError",
@@ -54,6 +57,7 @@ __all__ = [
     "SourceFolderError",
     "SplitInfo",
     "SplitReader",
+    "StoreChangedError",
     "TransformError",
     "WorkerCrashedError",
     "__version__",

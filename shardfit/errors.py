@@ -8,6 +8,7 @@ for an output that is in the way), so generic handlers keep working.
 from __future__ import annotations
 
 __all__ = [
+    "ChecksumError",
     "DatasetFormatError",
     "ImageDecodeError",
     "IncompleteDatasetError",
@@ -19,6 +20,7 @@ __all__ = [
     "ShardfitError",
     "SharedMemoryError",
     "SourceFolderError",
+    "StoreChangedError",
     "TransformError",
     "WorkerCrashedError",
 ]
@@ -70,7 +72,17 @@ class IncompleteDatasetError(ShardfitError, RuntimeError):
 
 
 class DatasetFormatError(ShardfitError, ValueError):
-    """The path is not a shardfit store, or one written in an unsupported format version."""
+    """The path is not a shardfit store, one written in an unsupported format version, or a
+    store whose files are damaged; the message names the file."""
+
+
+class ChecksumError(DatasetFormatError):
+    """Stored bytes fail their crc32c, or are not the ones packed at that position (a shard
+    file swapped, copied or replaced); the message names the file."""
+
+
+class StoreChangedError(DatasetFormatError):
+    """The store was replaced by another pack while a reader that opened it was reading."""
 
 
 class SharedMemoryError(ShardfitError, OSError):

@@ -90,7 +90,7 @@ def test_attributes_describe_the_pack(folder, tmp_path: Path) -> None:
     out = tmp_path / "d.zarr"
     pack_images(src, out, image_size=(8, 8), workers=0, seed=7)
     attrs = zarr.open_group(str(out), mode="r").attrs.asdict()["shardfit"]
-    assert attrs["format_version"] == 2
+    assert attrs["format_version"] == 3
     assert attrs["complete"] is True
     assert attrs["class_names"] == ["a", "b"]
     assert attrs["image_size"] == [8, 8]

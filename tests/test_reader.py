@@ -3,6 +3,7 @@ them, truncated files, pickling and fork, threads."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing as mp
 import os
@@ -303,11 +304,19 @@ def test_threads_reading_at_once_in_pread_mode(stores, kind: tuple[str, str]) ->
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
 def test_pread_files_are_closed_with_the_reader(stores) -> None:
+    store = str(stores[("float32", "none")])
+
     def open_fds() -> int:
-        return len(os.listdir("/proc/self/fd"))
+        """Descriptors of this process open on the store's files (other tests' threads may
+        open and close other files meanwhile)."""
+        found = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                found += os.readlink(f"/proc/self/fd/{fd}").startswith(store)
+        return found
 
     before = open_fds()
-    reader = SplitReader(stores[("float32", "none")], io="pread")
+    reader = SplitReader(store, io="pread")
     out = np.empty((reader.count, *reader.image_shape), np.float32)
     reader.read_into(np.arange(reader.count), out)
     assert open_fds() == before + reader.num_shards  # one descriptor per shard

@@ -159,8 +159,8 @@ def test_another_format_version_is_refused(store, tmp_path: Path) -> None:
     path = _copy_store(store[0], tmp_path / "copy.zarr")
     root = zarr.open_group(str(path), mode="r+")
     attrs = root.attrs["shardfit"]
-    root.attrs["shardfit"] = {**attrs, "format_version": 3}
-    with pytest.raises(DatasetFormatError, match="format version 3"):
+    root.attrs["shardfit"] = {**attrs, "format_version": 4}
+    with pytest.raises(DatasetFormatError, match="format version 4"):
         Sequence(path)
 
 

@@ -429,3 +429,47 @@ def test_a_transform_that_cannot_pickle_is_named_when_it_must_travel(store: Path
 
     with pytest.raises(InvalidOptionError, match="run in forkserver worker processes"):
         WorkerPool(BatchMaker(seq._reader, seq.transform, 0), 1, slots=1, slot_bytes=64, ctx=ctx)
+
+
+def _small_model():  # type: ignore[no-untyped-def]
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+    model.compile(
+        optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    return model
+
+
+class _KillWorkerAt(keras.callbacks.Callback):  # type: ignore[misc]
+    def __init__(self, seq, batch: int) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.seq, self.batch = seq, batch
+        self.killed: list[int] = []
+
+    def on_train_batch_end(self, batch, logs=None):  # type: ignore[no-untyped-def]
+        if batch == self.batch and not self.killed:
+            self.killed.extend(self.seq.worker_pids)
+            for pid in self.killed:
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_new_fit_trains_after_a_worker_was_killed_and_after_close(store: Path) -> None:
+    seq = Sequence(store, batch_size=8, workers=2, use_multiprocessing=True, max_queue_size=2)
+    model = _small_model()
+    killer = _KillWorkerAt(seq, batch=1)
+    # under TensorFlow, fit re-raises the generator's error as its own, with its text
+    # (whether the pool learns the signal depends on which thread reaps the process first)
+    crashed = r"WorkerCrashedError: data worker process \d+ (was killed|died)"
+    with pytest.raises(Exception, match=crashed):
+        model.fit(seq, epochs=3, verbose=0, callbacks=[killer])
+    assert killer.killed
+    # the same Sequence, a new fit: new workers from its first request on (Keras asks for
+    # batches before it calls on_epoch_begin)
+    history = model.fit(seq, epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2
+    assert seq.worker_pids and not set(seq.worker_pids) & set(killer.killed)
+    seq.close()
+    history = model.fit(seq, epochs=1, verbose=0)
+    assert len(history.history["loss"]) == 1
+    seq.close()

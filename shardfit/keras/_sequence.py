@@ -139,7 +139,8 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
     ``$SHARDFIT_SHM_DIR``); both are held until :meth:`close`, or until the Sequence is
     garbage. A worker that dies (killed, out of memory) makes the batch request fail with
     :class:`~shardfit.errors.WorkerCrashedError`, so ``fit`` stops instead of hanging; the next
-    epoch begun (a new ``fit``) starts new workers.
+    Keras call (``fit``, ``evaluate``, ``predict``), or epoch begun, starts new workers, after
+    a crash or a :meth:`close` alike.
 
     Raises:
         InvalidOptionError: an option breaks its rule.
@@ -167,7 +168,9 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         self.mode: Mode = build_mode(opts)
         super().__init__(**_keras_arguments(opts, self.mode))
         self.transform = transform
-        self._reader = SplitReader(path, split, io="pread" if opts.io == "stream" else opts.io)
+        self._reader = SplitReader(
+            path, split, io="pread" if opts.io == "stream" else opts.io, verify=opts.verify
+        )
         #: whether epochs are shuffled: ``options.shuffle``, or by default for "train" only
         self.shuffle: bool = split == "train" if opts.shuffle is None else opts.shuffle
         #: how samples are read: "mmap", "pread" or "stream" (whole shards read ahead)
@@ -347,8 +350,8 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
     def close(self) -> None:
         """End the read-ahead threads and worker processes and give back the shared-memory ring
         now (all also go when the Sequence is garbage). Batches still held keep their memory
-        until dropped. Batches asked for after this fail, until a new epoch begins (a new
-        ``fit``)."""
+        until dropped. Batches asked for after this fail, until a new Keras call (a new
+        ``fit``) or epoch begins, which starts new workers."""
         with self._lock:
             prefetch, self._prefetch = self._prefetch, None
             stager, self._stage = self._stage, None
@@ -390,6 +393,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
                 and self.mode != "keras-processes"
             )
             self._cursor.begin_call(endless=self._endless)
+            self._renew_broken_pool()
             if sys._getframe(1).f_code.co_name == "get_data_adapter":
                 # Keras asks here only to warn that an endless dataset is not shuffled by
                 # fit(shuffle=True): shardfit's is, by its own plan
@@ -411,14 +415,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
             # Keras takes a batch to build the model, then ends this "epoch" at once: those
             # requests are probes, served by index (JAX and PyTorch backends)
             return
-        # a fit that failed on a dead worker, or a close(), left the pool broken: the next
-        # fit starts anew
-        workers = self._procs
-        if workers is not None and workers.broken:
-            with self._lock:
-                if self._procs is workers:
-                    self._procs = None
-            workers.close()
+        self._renew_broken_pool()
         inference = call is not None and call.kind in ("predict", "evaluate")
         if call is not None and call.kind == "predict" and self.shuffle:
             self._warn_shuffled_predict()
@@ -428,6 +425,25 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
 
     def on_epoch_end(self) -> None:
         self._cursor.epoch_end(by_user=keras_call() is None)
+
+    def _renew_broken_pool(self) -> None:
+        """A fit that failed on a dead worker, or a :meth:`close`, left the pool broken: a new
+        Keras call (or epoch) starts new workers on its first request. Done where Keras makes
+        the call's iterator, before it asks for any batch (it asks before ``on_epoch_begin``),
+        and at each epoch's start for loops of one's own."""
+        workers = self._procs
+        if workers is None or not workers.broken:
+            return
+        prefetch = None
+        with self._lock:
+            if self._procs is workers:
+                self._procs = None
+                # its read-ahead holds the broken pool's failures for the batches it had asked
+                # for: those batches are asked for again, from the new workers
+                prefetch, self._prefetch = self._prefetch, None
+        workers.close()
+        if prefetch is not None:
+            prefetch.close()
 
     def _follow_initial_epoch(
         self, epoch: int | None, initial_epoch: int | None, steps: int | None

@@ -280,6 +280,9 @@ def _base_attrs(options: PackOptions, scan: ScanResult) -> dict[str, Any]:
         "seed": options.seed,
         "val_fraction": options.val_fraction,
         "source_root": shown(scan.root),
+        # names what this pack holds: equal for two packs exactly when their bytes are (same
+        # files, options and seed); a reader pinned to one pack refuses another's data
+        "pack_id": _fingerprint(options, scan)[:32],
     }
 
 

@@ -17,13 +17,20 @@ the samples themselves (``io=``):
   the memory this process may use for the page cache (RAM, or its cgroup's memory limit), since
   such data cannot stay cached from one epoch to the next; ``"mmap"`` otherwise.
 
+Every read is checked (``verify=``, format 3 on): each sample's chunk ends with its crc32c,
+which must equal the store's ``checksums`` entry for that sample (a few bytes compared on every
+read: a shard swapped, copied or replaced, or a store re-packed under a running job, is caught
+at once), and the chunk's bytes must match that crc32c (once per shard sample per process by
+default, or on every read). The labels, the checksums and the pack id are read once per process
+and pinned: a process that finds the store replaced by another pack stops.
+
 A reader pickles to its path and a few numbers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import mmap
 import os
 import threading
@@ -35,11 +42,21 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from shardfit.errors import DatasetFormatError, InvalidOptionError
-from shardfit.store._format import read_info, shard_path
-from shardfit.store._shardio import ChunkEncoder, read_full_shard_index, shard_index_of_bytes
+from shardfit.errors import ChecksumError, DatasetFormatError, InvalidOptionError, StoreChangedError
+from shardfit.read.options import VERIFY_CHOICES
+from shardfit.read.options import VerifyChoice as Verify
+from shardfit.store._format import ATTRS_KEY, read_info, shard_path
+from shardfit.store._shardio import (
+    CHECKSUM_BYTES,
+    ChunkEncoder,
+    crc32c,
+    crc32c_extend,
+    read_full_shard_index,
+    shard_index_of_bytes,
+)
+from shardfit.store._validate import check_array, load_json, open_regular, regular_file_size
 
-__all__ = ["ShardGetter", "ShardView", "SplitReader", "open_split"]
+__all__ = ["PieceChecksums", "ShardGetter", "ShardView", "SplitReader", "open_split"]
 
 #: One shard's bytes as read: the buffer holding the file (a mapping, or the whole file read into
 #: memory), its checked index of ``(offset, nbytes)`` per sample, and, when the samples lie
@@ -50,6 +67,7 @@ ShardGetter = Callable[[int], ShardView]
 
 IoMode = Literal["auto", "mmap", "pread"]
 _IO_MODES: tuple[str, ...] = ("auto", "mmap", "pread")
+log = logging.getLogger("shardfit")
 #: cgroup limits at or above this are "no limit" (v1 writes 2**63 rounded down to a page)
 _NO_LIMIT = 1 << 60
 _HAVE_FADVISE = hasattr(os, "posix_fadvise")
@@ -70,10 +88,7 @@ class _ShardFile:
         self.path = path
         self.offsets = offsets  # byte offset of each chunk, in the file
         self.sizes = sizes  # stored bytes of each chunk
-        try:
-            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise DatasetFormatError(f"shard file {path} is missing: re-pack the dataset") from None
+        self.fd = open_regular(path)
 
     def __del__(self, _close: Any = os.close) -> None:
         # os.close bound at definition: at interpreter exit the os module may be gone already
@@ -85,19 +100,30 @@ class _ShardFile:
 
 @dataclass
 class _Open:
-    """What one process has opened: shard mappings or files with their decoded indexes,
-    labels, the codec, and each thread's staging buffer (``pread`` of converted samples)."""
+    """What one process has opened: shard mappings (and which file each maps, to notice it
+    shrinking under its mapping) or files with their decoded indexes, the pinned labels and
+    checksums, which samples were verified, the codec, and each thread's staging buffer
+    (``pread`` of converted samples)."""
 
     pid: int
     shards: dict[int, ShardView] = field(default_factory=dict)
+    #: shard -> (device, inode, bytes) of the file mapped
+    mapped: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     files: dict[int, _ShardFile] = field(default_factory=dict)
     labels: npt.NDArray[np.int32] | None = None
+    checksums: npt.NDArray[np.uint32] | None = None
+    verified: dict[int, npt.NDArray[np.bool_]] = field(default_factory=dict)
+    map_lock: threading.Lock = field(default_factory=threading.Lock)
     codec: Any = None
     local: threading.local = field(default_factory=threading.local)
 
 
 def open_split(
-    path: str | os.PathLike[str], split: str = "train", *, io: IoMode = "auto"
+    path: str | os.PathLike[str],
+    split: str = "train",
+    *,
+    io: IoMode = "auto",
+    verify: Verify = "once",
 ) -> SplitReader:
     """Open one split of a store for random access to its samples, without Keras.
 
@@ -105,7 +131,7 @@ def open_split(
     label, and ``shardfit.epoch_order(...)`` the order a ``Sequence`` visits them; see
     :class:`SplitReader`.
     """
-    return SplitReader(path, split, io=io)
+    return SplitReader(path, split, io=io, verify=verify)
 
 
 class SplitReader:
@@ -118,23 +144,38 @@ class SplitReader:
             ``"pread"`` (fastest when they are not: data larger than the memory available for
             the page cache), or ``"auto"``: ``"pread"`` when the split's shard files are more
             than half of RAM or of this process's cgroup memory limit, else ``"mmap"``.
+        verify: when each sample's bytes are checked against their crc32c: ``"once"`` (the
+            default: the first time this process reads the sample), ``"always"`` (on every
+            read) or ``"off"``. Except with ``"off"``, every read also checks that the chunk is
+            the one packed at that position of this pack (its crc32c against the store's
+            ``checksums``). Stores of format 1 and 2 have no checksums: nothing is verified.
 
     Attributes:
         io_mode: ``"mmap"`` or ``"pread"``: the way this reader reads, ``io`` resolved once at
             construction (a pickled reader keeps it).
 
     Raises:
-        InvalidOptionError: ``io`` is not one of the above.
+        InvalidOptionError: ``io`` or ``verify`` is not one of the above.
         DatasetFormatError, IncompleteDatasetError: as :func:`shardfit.read_info`, or when the
             split does not exist.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], split: str = "train", *, io: IoMode = "auto"
+        self,
+        path: str | os.PathLike[str],
+        split: str = "train",
+        *,
+        io: IoMode = "auto",
+        verify: Verify = "once",
     ) -> None:
         if not isinstance(io, str) or io not in _IO_MODES:
             raise InvalidOptionError(
                 f"io must be one of {', '.join(repr(m) for m in _IO_MODES)}. Received: {io!r}"
+            )
+        if not isinstance(verify, str) or verify not in VERIFY_CHOICES:
+            raise InvalidOptionError(
+                f"verify must be one of {', '.join(repr(m) for m in VERIFY_CHOICES)}. "
+                f"Received: {verify!r}"
             )
         info = read_info(path)
         if split not in info.splits:
@@ -149,10 +190,25 @@ class SplitReader:
         self.shard_size = s.shard_size
         self.num_shards = s.num_shards
         self.class_names = info.class_names
+        self.counts_per_class = s.counts_per_class
         self.image_shape = (info.image_size[0], info.image_size[1], 3)
         self.stored_dtype = np.dtype(info.dtype)
         self.compression = info.compression
+        #: the pack this reader is pinned to (``None``: a store of format 1 or 2)
+        self.pack_id = info.pack_id
+        self.checksummed = s.checksummed
+        self.verify: Verify = verify if s.checksummed else "off"
+        if verify != "off" and not s.checksummed:
+            log.warning(
+                "%s has no checksums (format %s): its reads cannot be verified; re-pack it with "
+                "this shardfit to have them checked",
+                info.path,
+                info.attrs.get("format_version"),
+            )
         self._chunk_bytes = int(np.prod(self.image_shape)) * self.stored_dtype.itemsize
+        self._trailer = CHECKSUM_BYTES if s.checksummed else 0
+        #: bytes from one uncompressed sample to the next in a shard file
+        self._stride = self._chunk_bytes + self._trailer
         self.io_mode: Literal["mmap", "pread"] = (
             _choose_io(self.data_bytes(), memory_bytes()) if io == "auto" else io
         )
@@ -192,8 +248,16 @@ class SplitReader:
             return self._open
 
     def _check_chunk_sizes(self, path: str, sizes: npt.NDArray[np.int64]) -> None:
-        """Every chunk of an uncompressed shard must hold exactly one image."""
-        if self.compression == "none" and np.any(sizes != self._chunk_bytes):
+        """Every chunk of an uncompressed shard must hold exactly one image (and its checksum);
+        a compressed one at least a byte and its checksum, and not much more than the image
+        (a compressor's frame of incompressible data adds a little)."""
+        if self.compression == "none":
+            bad = bool(np.any(sizes != self._stride))
+        else:
+            bad = bool(np.any(sizes <= self._trailer)) or bool(
+                np.any(sizes > self._chunk_bytes + self._chunk_bytes // 64 + 4096 + self._trailer)
+            )
+        if bad:
             raise DatasetFormatError(
                 f"shard file {path} has chunks of the wrong size for "
                 f"{self.image_shape} {self.stored_dtype}: re-pack the dataset"
@@ -205,17 +269,28 @@ class SplitReader:
         if got is not None:
             return got
         path, index = self._index(k)
-        with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        fd = open_regular(path)
+        try:
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            os.close(fd)
+            raise
         # Map every page of the shard now: one call instead of a fault per 64 KB later, paid
         # again by every process that reads the shard (worker processes each map it). Only a
         # hint: kernels before 5.14 refuse it.
         with contextlib.suppress(OSError, ValueError):
             mm.madvise(_MADV_POPULATE_READ)
         dense = self._dense(path, mm, index)
-        got = (mm, index, dense)
-        opened.shards[k] = got
-        return got
+        st = os.fstat(fd)
+        os.close(fd)
+        with opened.map_lock:
+            first = opened.shards.get(k)
+            if first is None:  # else another thread mapped it meanwhile: use the first only
+                # a file cut short under its mapping kills the process with SIGBUS on the next
+                # read of a lost page, so each batch first checks the file's size
+                opened.mapped[k] = (st.st_dev, st.st_ino, len(mm))
+                first = opened.shards[k] = (mm, index, dense)
+        return first
 
     def _dense(self, path: str, buf: Any, index: npt.NDArray[np.uint64]) -> npt.NDArray[Any] | None:
         """An array view over all samples of a shard's bytes ``buf`` when they lie densely from
@@ -225,16 +300,39 @@ class SplitReader:
         sizes = index[:, 1].astype(np.int64)
         self._check_chunk_sizes(path, sizes)
         if self.compression == "none" and np.array_equal(
-            offsets, np.arange(expect, dtype=np.int64) * self._chunk_bytes
+            offsets, np.arange(expect, dtype=np.int64) * self._stride
         ):
-            return np.frombuffer(
-                buf, self.stored_dtype, count=expect * int(np.prod(self.image_shape))
-            ).reshape(expect, *self.image_shape)
+            # sample j at j * stride: each image contiguous, its checksum between images
+            item = self.stored_dtype.itemsize
+            _, w, c = self.image_shape
+            return np.ndarray(
+                (expect, *self.image_shape),
+                self.stored_dtype,
+                buffer=buf,
+                strides=(self._stride, w * c * item, c * item, item),
+            )
         return None
 
-    def shard_of_bytes(self, k: int, data: memoryview) -> ShardView:
+    def piece_checker(self, k: int, buffer: Any) -> PieceChecksums | None:
+        """What verifies shard ``k`` while it is being read into ``buffer`` piece by piece
+        (``io="stream"``), or ``None`` if nothing needs verifying there: ``verify="off"``, a
+        compressed store (its chunk boundaries are known only from the index at the end), or
+        every sample already verified in this process with ``verify="once"``."""
+        if self.verify == "off" or self.compression != "none":
+            return None
+        expect = min(self.shard_size, self.count - k * self.shard_size)
+        if self.verify == "once" and bool(self._verified(k)[:expect].all()):
+            return None
+        return PieceChecksums(buffer, self._stride, self._chunk_bytes, expect)
+
+    def shard_of_bytes(
+        self, k: int, data: memoryview, checked: PieceChecksums | None = None
+    ) -> ShardView:
         """Shard ``k`` from the whole content of its file, read into memory by the caller
-        (``shardfit.read._stage``); its index is checked as when read from the file.
+        (``shardfit.read._stage``, in its reading threads); its index is checked as when read
+        from the file, and its samples verified here (as ``verify`` says; ``checked``: with the
+        checksums :meth:`piece_checker` computed as the bytes arrived), so that reads from the
+        view returned need no checking.
 
         Raises:
             DatasetFormatError: the content is truncated or corrupt (the file is named).
@@ -242,7 +340,25 @@ class SplitReader:
         path = shard_path(self.path, self.split, k)
         expect = min(self.shard_size, self.count - k * self.shard_size)
         index = shard_index_of_bytes(path, data, self.shard_size, expect)[:expect]
-        return data, index, self._dense(path, data, index)
+        dense = self._dense(path, data, index)
+        if self.verify == "off":
+            return data, index, dense
+        if dense is not None and self._all_intact(k, data, len(index), checked):
+            return data, index, dense
+        # one of them fails (or a layout of another writer): sample by sample, to name it
+        sums = checked.crcs if checked is not None and dense is not None else None
+        for j, (off, n) in enumerate(index.tolist()):
+            n -= self._trailer
+            stored = int.from_bytes(data[off + n : off + n + self._trailer], "little")
+            if sums is not None:  # the layout the checker assumed: its checksums apply
+                self._check_sample(k * self.shard_size + j, None, stored, computed=int(sums[j]))
+            elif self.verify == "always" or not self._verified(k)[j] or checked is not None:
+                self._check_sample(
+                    k * self.shard_size + j, np.frombuffer(data, np.uint8, n, off), stored
+                )
+            else:
+                self._check_sample(k * self.shard_size + j, None, stored)
+        return data, index, dense
 
     def _shard_file(self, k: int) -> _ShardFile:
         """Shard ``k`` opened for ``pread`` in this process (index read and checked once)."""
@@ -271,10 +387,26 @@ class SplitReader:
         """
         return self._index(shard)[1][:, 0].astype(np.int64)
 
+    def max_shard_bytes(self, k: int) -> int:
+        """The largest shard ``k``'s file can be: its images (at most a compressor's frame of
+        each, a little larger than the image when it does not compress), their checksums and
+        the index. Exact when uncompressed."""
+        expect = min(self.shard_size, self.count - k * self.shard_size)
+        chunk = self._stride
+        if self.compression != "none":
+            chunk = self._chunk_bytes + self._chunk_bytes // 64 + 4096 + self._trailer
+        return expect * chunk + 16 * self.shard_size + 4
+
     def _index(self, k: int) -> tuple[str, npt.NDArray[np.uint64]]:
         """Shard ``k``'s path and the index entries of the samples it holds (read, checked)."""
         path = shard_path(self.path, self.split, k)
         expect = min(self.shard_size, self.count - k * self.shard_size)
+        size = regular_file_size(path)
+        if size > self.max_shard_bytes(k):
+            raise DatasetFormatError(
+                f"shard file {path} is {size} bytes, more than a shard of this store can be: "
+                "the store is damaged; re-pack the dataset"
+            )
         return path, read_full_shard_index(path, self.shard_size, expect)[:expect]
 
     def read(self, indices: npt.ArrayLike) -> npt.NDArray[np.float32]:
@@ -297,14 +429,123 @@ class SplitReader:
         stored = np.asarray(array[:])
         if stored.ndim == 1:  # format version 1: zarr's string type
             return [str(p) for p in stored]
-        return [bytes(row).rstrip(b"\0").decode("utf-8") for row in stored]
+        return [os.fsdecode(bytes(row).rstrip(b"\0")) for row in stored]
 
     def labels(self) -> npt.NDArray[np.int32]:
-        """All labels of the split (read once per process)."""
+        """All labels of the split (read once per process, checked, and pinned to the pack
+        this reader opened).
+
+        Raises:
+            DatasetFormatError: the labels are damaged (the file named).
+            StoreChangedError: the store at this path is now another pack.
+        """
+        return self._pinned()[0]
+
+    def _pinned(self) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.uint32] | None]:
+        """This process's copy of the labels and checksums, read once, then the pack id read
+        again: what this process serves is the pack the reader was opened on, or an error."""
         opened = self._handles()
-        if opened.labels is None:
-            opened.labels = _read_labels(self.path, self.split, self.count)
-        return opened.labels
+        if opened.labels is not None:
+            return opened.labels, opened.checksums
+        with self._lock:
+            if opened.labels is None:
+                labels = _read_vector(self.path, self.split, "labels", self.count, "<i4")
+                _check_labels(self.path, self.split, labels, self.counts_per_class)
+                sums = None
+                if self.checksummed:
+                    sums = _read_vector(self.path, self.split, "checksums", self.count, "<u4")
+                self._check_same_pack()
+                opened.checksums = None if sums is None else sums.astype(np.uint32)
+                opened.labels = labels.astype(np.int32)
+            return opened.labels, opened.checksums
+
+    def _check_same_pack(self) -> None:
+        """Raise if the store's pack id is no longer the one this reader was opened on."""
+        if self.pack_id is None:
+            return
+        now = _pack_id_now(self.path)
+        if now != self.pack_id:
+            what = "removed" if now is None else f"replaced by another pack (pack id {now})"
+            raise StoreChangedError(
+                f"{self.path} was {what} while it was being read (pack id {self.pack_id} when "
+                "opened): open it again to read the new store"
+            )
+
+    def _verified(self, k: int) -> npt.NDArray[np.bool_]:
+        opened = self._handles()
+        seen = opened.verified.get(k)
+        if seen is None:
+            seen = opened.verified.setdefault(k, np.zeros(self.shard_size, np.bool_))
+        return seen
+
+    def _all_intact(self, k: int, data: Any, n: int, checked: PieceChecksums | None) -> bool:
+        """Shard ``k``'s ``n`` images, laid out densely in ``data``, checked at once: each ends
+        with the checksum the store records for it, and their bytes match it (``checked``, or
+        verified before in this process with ``verify="once"``). ``False`` when any of this
+        does not hold, or cannot be told this way."""
+        seen = self._verified(k)[:n]
+        if checked is None and (self.verify == "always" or not bool(seen.all())):
+            return False
+        ends = np.ndarray(
+            (n,), "<u4", buffer=data, offset=self._chunk_bytes, strides=(self._stride,)
+        )
+        sums = self._pinned()[1]
+        base = k * self.shard_size
+        if sums is not None and not np.array_equal(ends, sums[base : base + n]):
+            return False
+        if checked is not None:
+            if not np.array_equal(ends, checked.crcs):
+                return False
+            seen[:] = True
+        return True
+
+    def _check_sample(
+        self, i: int, payload: Any, trailer: int, *, computed: int | None = None
+    ) -> None:
+        """Check sample ``i`` read as ``payload`` (its stored bytes) and ``trailer`` (the crc32c
+        its chunk ends with): the chunk is sample ``i``'s of this pack, and, if not done before
+        in this process (or always, with ``verify="always"``), its bytes are intact: their
+        crc32c is ``computed`` if given (then always checked), else computed from ``payload``
+        (``None``: only where the bytes were verified before)."""
+        sums = self._pinned()[1]
+        k, j = divmod(i, self.shard_size)
+        if sums is not None and trailer != int(sums[i]):
+            self._check_same_pack()
+            raise ChecksumError(
+                f"shard file {shard_path(self.path, self.split, k)} does not hold sample {i} of "
+                f"this store at position {j} (its checksum {trailer:#010x}, the store's "
+                f"{int(sums[i]):#010x}): a shard file was swapped, copied or replaced; re-pack "
+                "the dataset"
+            )
+        seen = self._verified(k)
+        if computed is not None or self.verify == "always" or not seen[j]:
+            if computed is None:
+                computed = crc32c(payload)
+            if computed != trailer:
+                raise ChecksumError(
+                    f"shard file {shard_path(self.path, self.split, k)} is corrupt: sample {i} "
+                    f"(position {j}) fails its crc32c; re-pack the dataset"
+                )
+            seen[j] = True
+
+    def _check_mapped(self, k: int) -> None:
+        """Raise, rather than die of SIGBUS on the next copy, if shard ``k``'s file is now
+        shorter than its mapping (cut short in place under a running reader)."""
+        got = self._handles().mapped.get(k)
+        if got is None:
+            return
+        dev, ino, size = got
+        try:
+            st = os.stat(shard_path(self.path, self.split, k))
+        except OSError:  # removed or replaced: the mapping keeps the old file whole
+            return
+        now = st.st_size
+        if st.st_ino == ino and st.st_dev == dev and now < size:
+            raise DatasetFormatError(
+                f"shard file {shard_path(self.path, self.split, k)} shrank from {size} to {now} "
+                "bytes while it was being read: a store must not be changed in place while a job "
+                "reads it (pack to a new path and switch over); re-pack the dataset"
+            )
 
     def read_into(
         self,
@@ -318,7 +559,8 @@ class SplitReader:
         ``out`` may be float32 (uint8 stores are converted as ``pixel / 255``) or the stored dtype.
         Safe to call from several threads at once, each with its own ``out``. ``shards``, if
         given, supplies the bytes of every shard the samples are in (whole shards read ahead
-        into memory), instead of reading the files.
+        into memory, each made by :meth:`shard_of_bytes`, which verified them), instead of
+        reading the files.
 
         Raises:
             IndexError: an index is outside ``[0, count)``.
@@ -329,33 +571,56 @@ class SplitReader:
         elif self.io_mode == "pread":
             self._read_pread(indices, out)
         else:
-            self._read_from(indices, out, self._shard)
+            self._read_from(indices, out, self._shard, mapped=True)
 
     def _read_from(
-        self, indices: npt.NDArray[np.integer], out: npt.NDArray[Any], shards: ShardGetter
+        self,
+        indices: npt.NDArray[np.integer],
+        out: npt.NDArray[Any],
+        shards: ShardGetter,
+        *,
+        mapped: bool = False,
     ) -> None:
-        """Samples copied (uncompressed) or decoded from shard bytes in memory."""
+        """Samples copied (uncompressed) or decoded from shard bytes in memory (``mapped``: this
+        reader's own mappings, whose files' sizes are checked once per batch)."""
         convert = out.dtype != self.stored_dtype
+        check = mapped and self.verify != "off"  # other shard views were checked when made
+        sized: set[int] = set()
         for b, i in enumerate(np.asarray(indices, dtype=np.int64).tolist()):
             if not 0 <= i < self.count:
                 raise IndexError(f"sample {i} out of range for {self.count} samples")
             k, j = divmod(i, self.shard_size)
             mm, index, dense = shards(k)
+            if mapped and k not in sized:
+                self._check_mapped(k)
+                sized.add(k)
+            off, n = int(index[j, 0]), int(index[j, 1]) - self._trailer
+            stored = int.from_bytes(mm[off + n : off + n + 4], "little") if check else 0
             if dense is not None:
                 src: npt.NDArray[Any] = dense[j]
-            else:
-                off, n = int(index[j, 0]), int(index[j, 1])
-                if self.compression == "none":
-                    src = np.frombuffer(
-                        mm, self.stored_dtype, count=n // self.stored_dtype.itemsize, offset=off
-                    ).reshape(self.image_shape)
-                else:
-                    raw = self._handles().codec.decode(mm[off : off + n])
-                    src = np.frombuffer(raw, self.stored_dtype).reshape(self.image_shape)
+            elif self.compression == "none":
+                src = np.frombuffer(
+                    mm, self.stored_dtype, count=n // self.stored_dtype.itemsize, offset=off
+                ).reshape(self.image_shape)
+            else:  # checked before decoding: a decoder is not for damaged frames
+                if check:
+                    self._check_sample(i, np.frombuffer(mm, np.uint8, n, off), stored)
+                raw = self._handles().codec.decode(mm[off : off + n])
+                src = np.frombuffer(raw, self.stored_dtype).reshape(self.image_shape)
+                check = False
+            dst = out[b]
             if convert:
-                np.divide(src, 255, out=out[b], dtype=np.float32)
+                np.divide(src, 255, out=dst, dtype=np.float32)
             else:
-                out[b] = src
+                dst[...] = src
+            if check:
+                # the copy just made is in the CPU's cache: checking it rather than the
+                # mapping reads the image from memory once, not twice (measured, epoch 0 of a
+                # warm store: 5,400 img/s checking the mapping, 9,100 checking the copy,
+                # 11,700 unchecked)
+                done = dst if not convert and dst.flags.c_contiguous else src
+                self._check_sample(i, done, stored)
+            check = mapped and self.verify != "off"
 
     def will_need(self, indices: npt.NDArray[np.integer]) -> None:
         """Tell the kernel that samples ``indices`` will be read soon (reading them from disk
@@ -365,7 +630,7 @@ class SplitReader:
             _will_need(self._pread_plan(indices))
 
     def _pread_plan(self, indices: npt.NDArray[np.integer]) -> list[tuple[_ShardFile, int, int]]:
-        """(file, byte offset, bytes) of each sample."""
+        """(file, byte offset, bytes with the checksum) of each sample."""
         plan = []
         for i in np.asarray(indices, dtype=np.int64).tolist():
             if not 0 <= i < self.count:
@@ -376,6 +641,7 @@ class SplitReader:
         return plan
 
     def _read_pread(self, indices: npt.NDArray[np.integer], out: npt.NDArray[Any]) -> None:
+        samples = np.asarray(indices, dtype=np.int64).tolist()
         plan = self._pread_plan(indices)
         # all of the batch's reads queued at once: the disk serves them in parallel, while the
         # preads below each wait for one sample in turn (measured on cold data: +40%; on cached
@@ -383,24 +649,40 @@ class SplitReader:
         _will_need(plan)
         convert = out.dtype != self.stored_dtype
         compressed = self.compression != "none"
+        check = self.verify != "off"
+        trailer = self._trailer
+        tail = bytearray(4)
         for b, (f, off, n) in enumerate(plan):
             if compressed:
-                raw = self._handles().codec.decode(_pread_bytes(f, off, n))
+                data = _pread_bytes(f, off, n)
+                if check:
+                    self._check_sample(
+                        samples[b],
+                        data[: n - trailer],
+                        int.from_bytes(data[n - trailer :], "little"),
+                    )
+                raw = self._handles().codec.decode(data[: n - trailer])
                 src: npt.NDArray[Any] = np.frombuffer(raw, self.stored_dtype).reshape(
                     self.image_shape
                 )
             else:
                 dst = out[b]
-                if (
+                direct = (
                     not convert
                     and dst.shape == self.image_shape
                     and dst.flags.c_contiguous
                     and dst.flags.writeable
-                ):
-                    _preadv_exact(f, memoryview(dst).cast("B"), off)
+                )
+                src = dst if direct else self._stage()
+                # the image and its checksum in one system call
+                views = [memoryview(src).cast("B")]  # type: ignore[arg-type]
+                if trailer:
+                    views.append(memoryview(tail))
+                _preadv_exact(f, views, off)
+                if check:
+                    self._check_sample(samples[b], src, int.from_bytes(tail, "little"))
+                if direct:
                     continue
-                src = self._stage()
-                _preadv_exact(f, memoryview(src).cast("B"), off)  # type: ignore[arg-type]
             if convert:
                 np.divide(src, 255, out=out[b], dtype=np.float32)
             else:
@@ -433,19 +715,24 @@ def _truncated(f: _ShardFile) -> DatasetFormatError:
     return DatasetFormatError(f"shard file {f.path} is truncated: re-pack the dataset")
 
 
-def _preadv_exact(f: _ShardFile, view: memoryview, offset: int) -> None:
-    """Fill ``view`` with the file's bytes from ``offset``; the file ending first is an error."""
-    got, total = 0, len(view)
-    while got < total:
+def _preadv_exact(f: _ShardFile, views: list[memoryview], offset: int) -> None:
+    """Fill ``views`` in turn with the file's bytes from ``offset``; the file ending first is
+    an error."""
+    while views:
         if _HAVE_PREADV:
-            n = os.preadv(f.fd, [view[got:]], offset + got)
+            n = os.preadv(f.fd, views, offset)
         else:
-            part = os.pread(f.fd, total - got, offset + got)
+            part = os.pread(f.fd, len(views[0]), offset)
             n = len(part)
-            view[got : got + n] = part
+            views[0][:n] = part
         if n == 0:
             raise _truncated(f)
-        got += n
+        offset += n
+        while views and n >= len(views[0]):  # drop what is filled, trim a part filled
+            n -= len(views[0])
+            views = views[1:]
+        if views and n:
+            views = [views[0][n:], *views[1:]]
 
 
 def _pread_bytes(f: _ShardFile, offset: int, nbytes: int) -> bytes:
@@ -545,31 +832,104 @@ def _cgroup_limit(proc: str, cgroup_fs: str) -> int | None:
     return min(found) if found else None
 
 
-def _read_labels(path: str, split: str, count: int) -> npt.NDArray[np.int32]:
-    """The split's labels; straight from the raw chunk files when stored uncompressed."""
-    base = os.path.join(path, split, "labels")
+def _pack_id_now(path: str) -> str | None:
+    """The pack id in the store's root metadata at this moment (``None`` if unreadable)."""
     try:
-        with open(os.path.join(base, "zarr.json"), encoding="utf-8") as f:
-            meta = json.load(f)
-        chunk = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
-        raw_bytes = [c["name"] for c in meta["codecs"]] == ["bytes"]
-    except (OSError, ValueError, KeyError) as err:
-        raise DatasetFormatError(f"cannot read the labels of {path} ({split}): {err}") from None
-    if not raw_bytes:
-        import zarr
+        doc = load_json(os.path.join(path, "zarr.json"))
+        value = doc["attributes"][ATTRS_KEY]["pack_id"]
+    except (OSError, DatasetFormatError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, str) else None
 
-        return np.asarray(zarr.open_array(base, mode="r")[:], dtype=np.int32)
+
+def _read_vector(path: str, split: str, name: str, count: int, dtype: str) -> npt.NDArray[Any]:
+    """A one-dimensional array of the split (``labels``, ``checksums``) straight from its chunk
+    files (values little-endian, each chunk ending with its crc32c in format 3), checked.
+
+    Raises:
+        DatasetFormatError: its metadata or a chunk is missing, damaged or fails its checksum
+            (the file named).
+    """
+    base = os.path.join(path, split, name)
+    meta = os.path.join(base, "zarr.json")
+    layout = check_array(meta, shape=[count], dtype={"<i4": "int32", "<u4": "uint32"}[dtype])
+    if layout.compressor is not None:
+        raise DatasetFormatError(f"{meta} is compressed, which shardfit never writes")
+    doc = load_json(meta)
+    chunk = doc["chunk_grid"]["configuration"]["chunk_shape"]
+    if (
+        len(chunk) != 1
+        or isinstance(chunk[0], bool)
+        or not isinstance(chunk[0], int)
+        or chunk[0] < 1
+    ):
+        raise DatasetFormatError(f"{meta} has chunks {chunk!r}: re-pack the dataset")
+    size = chunk[0]
+    trailer = CHECKSUM_BYTES if layout.checksummed else 0
     parts = []
-    for c in range(-(-count // chunk)):
+    for c in range(-(-count // size)):
         file = os.path.join(base, "c", str(c))
-        n = min(chunk, count - c * chunk)
-        try:
-            part = np.fromfile(file, dtype="<i4")
-        except FileNotFoundError:
-            raise DatasetFormatError(
-                f"labels chunk {file} is missing: re-pack the dataset"
-            ) from None
-        if part.size < n:
-            raise DatasetFormatError(f"labels chunk {file} is truncated: re-pack the dataset")
-        parts.append(part[:n])
-    return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+        n = min(size, count - c * size)
+        nbytes = size * 4 + trailer
+        got = regular_file_size(file, limit=nbytes)
+        with open(file, "rb") as f:
+            data = f.read(nbytes)
+        # zarr writes whole chunks (the last padded with the fill value); a trailing chunk
+        # written short by another writer is accepted if it covers the samples
+        if got < n * 4 + trailer or (trailer and got != nbytes):
+            raise DatasetFormatError(f"{name} chunk {file} is truncated: re-pack the dataset")
+        body = data[: len(data) - trailer]
+        if trailer and crc32c(body) != int.from_bytes(data[-trailer:], "little"):
+            raise ChecksumError(f"{name} chunk {file} fails its crc32c: re-pack the dataset")
+        parts.append(np.frombuffer(body, dtype, n))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def _check_labels(path: str, split: str, labels: npt.NDArray[Any], counts: tuple[int, ...]) -> None:
+    """Every label a class index, each class as many times as the store's attributes say."""
+    file = os.path.join(path, split, "labels")
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= len(counts)):
+        bad = int(np.flatnonzero((labels < 0) | (labels >= len(counts)))[0])
+        raise DatasetFormatError(
+            f"{file} has label {int(labels[bad])} at sample {bad}, outside [0, {len(counts)}): "
+            "the store is damaged; re-pack the dataset"
+        )
+    found = np.bincount(labels.astype(np.int64), minlength=len(counts))
+    if found.tolist() != list(counts):
+        meta = os.path.join(path, "zarr.json")
+        raise DatasetFormatError(
+            f"{file} has {found.tolist()} samples per class where {meta} says {list(counts)}: "
+            "the store is damaged; re-pack the dataset"
+        )
+
+
+class PieceChecksums:
+    """The crc32c of each image of a shard in the packer's dense layout (image ``j`` at
+    ``j * stride``, ``payload`` bytes), computed piece by piece as a reader fills ``buffer``:
+    each piece is checked while it is still in the CPU's cache. Measured, 4 threads reading
+    3 GB of shard files cold: 0.64 CPU-s reading alone, 1.24 checking each 8 MiB read after it,
+    0.93 reading and checking 1 MiB pieces, at the same 2.2 GB/s."""
+
+    #: Bytes read, then checked, at a time.
+    PIECE = 1 << 20
+
+    def __init__(self, buffer: Any, stride: int, payload: int, count: int) -> None:
+        self._bytes = np.frombuffer(buffer, np.uint8)
+        self._stride = stride
+        self._payload = payload
+        self.count = count
+        self.crcs = np.zeros(count, np.uint32)
+
+    def feed(self, start: int, end: int) -> None:
+        """Bytes ``[start, end)`` of the file have arrived in the buffer."""
+        j = start // self._stride
+        while j < self.count:
+            first = j * self._stride
+            if first >= end:
+                return
+            lo, hi = max(start, first), min(end, first + self._payload)
+            if hi > lo:
+                self.crcs[j] = crc32c_extend(int(self.crcs[j]), self._bytes[lo:hi])
+            if first + self._payload > end:
+                return
+            j += 1

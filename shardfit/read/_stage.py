@@ -40,6 +40,7 @@ from shardfit.read._epoch import shard_order
 from shardfit.read._reader import ShardGetter, ShardView, SplitReader, _choose_io, memory_bytes
 from shardfit.read.options import IoChoice, Mode
 from shardfit.store._format import shard_path
+from shardfit.store._validate import open_regular
 
 __all__ = ["STREAMS", "ShardStager", "drops_cache", "read_path"]
 
@@ -265,29 +266,36 @@ class ShardStager:
 
     def _read(self, shard: int, buffer: mmap.mmap) -> ShardView:
         path = shard_path(self._reader.path, self._reader.split, shard)
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise DatasetFormatError(f"shard file {path} is missing: re-pack the dataset") from None
+        fd = open_regular(path)
         try:
             size = os.fstat(fd).st_size
+            if size > self._reader.max_shard_bytes(shard):
+                raise DatasetFormatError(
+                    f"shard file {path} is {size} bytes, more than a shard of this store can "
+                    "be: the store is damaged; re-pack the dataset"
+                )
             if size > len(buffer):
                 raise DatasetFormatError(
                     f"shard file {path} changed size while being read: re-pack the dataset"
                 )
             view = memoryview(buffer)
+            checker = self._reader.piece_checker(shard, buffer)
+            # checked as it arrives, in pieces small enough to be still in the CPU's cache
+            piece = _READ_BYTES if checker is None else checker.PIECE
             got = 0
             while got < size:
-                n = os.preadv(fd, [view[got : min(size, got + _READ_BYTES)]], got)
+                n = os.preadv(fd, [view[got : min(size, got + piece)]], got)
                 if n == 0:
                     raise DatasetFormatError(f"shard file {path} is truncated: re-pack the dataset")
+                if checker is not None:
+                    checker.feed(got, got + n)
                 got += n
             if self._drop_cache and hasattr(os, "posix_fadvise"):
                 with contextlib.suppress(OSError):
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-        return self._reader.shard_of_bytes(shard, view[:size])
+        return self._reader.shard_of_bytes(shard, view[:size], checker)
 
 
 def drops_cache(reader: SplitReader) -> bool:
@@ -318,7 +326,10 @@ def read_path(
 
 
 def _file_size(reader: SplitReader, shard: int) -> int:
+    """Bytes to hold shard ``shard``'s file: its size, if no larger than such a shard can be (a
+    buffer is made for it before it is read: a damaged store must not make a huge one)."""
     try:
-        return os.stat(shard_path(reader.path, reader.split, shard)).st_size
+        size = os.stat(shard_path(reader.path, reader.split, shard)).st_size
     except FileNotFoundError:
         return 0  # the read reports it, naming the file
+    return min(size, reader.max_shard_bytes(shard))

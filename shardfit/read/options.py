@@ -11,7 +11,17 @@ from typing import Literal
 
 from shardfit.errors import InvalidOptionError
 
-__all__ = ["IO_CHOICES", "MODES", "IoChoice", "LabelMode", "Mode", "SequenceOptions", "build_mode"]
+__all__ = [
+    "IO_CHOICES",
+    "MODES",
+    "VERIFY_CHOICES",
+    "IoChoice",
+    "LabelMode",
+    "Mode",
+    "SequenceOptions",
+    "VerifyChoice",
+    "build_mode",
+]
 
 LabelMode = Literal["int", "categorical"] | None
 #: Where batches are built: in the consumer's thread, in Keras's threads, in shardfit's own
@@ -21,6 +31,9 @@ MODES: tuple[str, ...] = ("in-process", "threads", "processes", "keras-processes
 #: How samples are read from disk (see ``SequenceOptions.io``).
 IoChoice = Literal["auto", "mmap", "pread", "stream"]
 IO_CHOICES: tuple[str, ...] = ("auto", "mmap", "pread", "stream")
+#: When samples are checked against their checksums (see ``SequenceOptions.verify``).
+VerifyChoice = Literal["once", "always", "off"]
+VERIFY_CHOICES: tuple[str, ...] = ("once", "always", "off")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -65,6 +78,12 @@ class SequenceOptions:
             ``"mmap"`` when the store's shards fit in half of the memory (RAM, or the cgroup
             limit); otherwise ``"stream"`` when its buffers fit in a third of it and batches
             are built in this process, else ``"pread"``.
+        verify: when a sample's bytes are checked against the crc32c its chunk ends with:
+            ``"once"`` (the default: the first time each process reads it), ``"always"`` (every
+            read) or ``"off"``. Unless ``"off"``, every read also checks that the chunk is the
+            one packed at that position of the pack this Sequence opened (4 bytes compared), so
+            a swapped or replaced shard, or a store re-packed under a running job, stops
+            training with an error naming the file instead of feeding it other data.
     """
 
     batch_size: int = 32
@@ -79,6 +98,7 @@ class SequenceOptions:
     max_queue_size: int = 10
     shared_memory: bool = True
     io: IoChoice = "auto"
+    verify: VerifyChoice = "once"
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
@@ -102,6 +122,11 @@ class SequenceOptions:
         if not isinstance(self.io, str) or self.io not in IO_CHOICES:
             raise InvalidOptionError(
                 f"io must be one of {', '.join(repr(c) for c in IO_CHOICES)}. Received: {self.io!r}"
+            )
+        if not isinstance(self.verify, str) or self.verify not in VERIFY_CHOICES:
+            raise InvalidOptionError(
+                f"verify must be one of {', '.join(repr(c) for c in VERIFY_CHOICES)}. "
+                f"Received: {self.verify!r}"
             )
         if self.io == "stream" and build_mode(self) in ("processes", "keras-processes"):
             raise InvalidOptionError(

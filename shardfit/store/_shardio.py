@@ -21,11 +21,16 @@ import numpy as np
 import numpy.typing as npt
 
 from shardfit.errors import DatasetFormatError
+from shardfit.store._validate import open_regular
 
 __all__ = [
+    "CHECKSUM_BYTES",
     "MISSING",
     "ChunkEncoder",
     "ShardFileWriter",
+    "crc32c",
+    "crc32c_extend",
+    "read_chunk_checksums",
     "read_full_shard_index",
     "read_shard_index",
     "zarr_compressors",
@@ -36,16 +41,74 @@ _ZSTD_LEVEL = 3
 _BLOSC_LEVEL = 5
 
 
-def zarr_compressors(compression: str, itemsize: int) -> Any:
-    """The ``compressors=`` argument for ``zarr.create_array`` matching :class:`ChunkEncoder`."""
-    from zarr.codecs import BloscCodec, ZstdCodec
+#: Bytes of the crc32c (Castagnoli, little-endian) that ends every chunk of a format-3 store,
+#: as Zarr v3's ``crc32c`` codec appends it.
+CHECKSUM_BYTES = 4
+
+
+def _native_crc32c() -> tuple[Any, Any]:
+    """``crc32c_value`` and ``crc32c_extend`` of the library ``google_crc32c`` wraps, called
+    through ctypes, which lets other threads run meanwhile: ``google_crc32c.value`` holds the
+    GIL except on bytes objects of 1 MB or more, so a thread verifying a shard it has just read
+    would stall the thread building batches. ``None`` where the wheel's layout differs (then
+    ``google_crc32c`` itself is used)."""
+    import ctypes
+    import glob
+
+    libs = os.path.join(os.path.dirname(google_crc32c.__file__), os.pardir, "google_crc32c.libs")
+    for path in sorted(glob.glob(os.path.join(libs, "libcrc32c*.so*"))):
+        try:
+            lib = ctypes.CDLL(path)
+            value, extend = lib.crc32c_value, lib.crc32c_extend
+        except (OSError, AttributeError):
+            continue
+        value.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        value.restype = ctypes.c_uint32
+        extend.argtypes = (ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t)
+        extend.restype = ctypes.c_uint32
+        return value, extend
+    return None, None
+
+
+_NATIVE, _NATIVE_EXTEND = _native_crc32c()
+
+
+def crc32c(data: Any) -> int:
+    """crc32c of any contiguous buffer (bytes, a mapping, an array), without copying it, and
+    (where the native library can be called directly) without holding the GIL.
+
+    About 8-10 GB/s on one core here, faster than copying the same bytes.
+    """
+    arr = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+    arr = np.ascontiguousarray(arr)  # the bytes in C order: a copy only if strided
+    if _NATIVE is not None:
+        return int(_NATIVE(arr.ctypes.data, arr.nbytes))
+    # google_crc32c takes only objects that need no buffer release (bytes, numpy arrays)
+    return int(google_crc32c.value(arr.reshape(-1).view(np.uint8)))
+
+
+def crc32c_extend(crc: int, data: npt.NDArray[np.uint8]) -> int:
+    """``crc`` continued over the contiguous bytes ``data`` (as :func:`crc32c`: no copy, and
+    outside the GIL where possible)."""
+    if _NATIVE_EXTEND is not None:
+        return int(_NATIVE_EXTEND(crc, data.ctypes.data, data.nbytes))
+    return int(google_crc32c.extend(crc, data))
+
+
+def zarr_compressors(compression: str, itemsize: int) -> list[Any]:
+    """The ``compressors=`` argument for ``zarr.create_array`` matching :class:`ChunkEncoder`,
+    then the ``crc32c`` codec that ends every chunk with its checksum."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
     if compression == "none":
-        return None
+        return [Crc32cCodec()]
     if compression == "zstd":
-        return [ZstdCodec(level=_ZSTD_LEVEL, checksum=False)]
+        return [ZstdCodec(level=_ZSTD_LEVEL, checksum=False), Crc32cCodec()]
     if compression == "blosc-lz4":
-        return [BloscCodec(cname="lz4", clevel=_BLOSC_LEVEL, shuffle="shuffle", typesize=itemsize)]
+        return [
+            BloscCodec(cname="lz4", clevel=_BLOSC_LEVEL, shuffle="shuffle", typesize=itemsize),
+            Crc32cCodec(),
+        ]
     raise ValueError(f"unknown compression {compression!r}")
 
 
@@ -199,12 +262,20 @@ class ShardFileWriter:
         self._pending_stage = full
         self._stage, self._spare, self._fill = spare, None, 0
 
-    def append(self, chunk: bytes | memoryview) -> None:
-        """Write the next inner chunk's encoded bytes."""
+    def append(self, *parts: bytes | memoryview) -> None:
+        """Write the next inner chunk: its encoded bytes, in one or more parts (e.g. the image
+        and its checksum, so the image need not be copied to append four bytes)."""
         if len(self._sizes) == self.chunks_per_shard:
             raise ValueError(f"shard {self.path} already holds {self.chunks_per_shard} chunks")
-        view = memoryview(chunk).cast("B")
-        n = len(view)
+        n = 0
+        for part in parts:
+            view = memoryview(part).cast("B")
+            n += len(view)
+            self._append_bytes(view)
+        self._sizes.append(n)
+        self.nbytes += n
+
+    def _append_bytes(self, view: memoryview) -> None:
         while view:
             if self._stage is None:
                 self._write(view)
@@ -215,8 +286,6 @@ class ShardFileWriter:
             view = view[take:]
             if self._fill == _STAGE_BYTES:
                 self._send_stage()
-        self._sizes.append(n)
-        self.nbytes += n
 
     def close(self) -> int:
         """Write the index, publish the file under its name; return its size in bytes."""
@@ -257,14 +326,13 @@ def read_shard_index(path: str, chunks_per_shard: int) -> npt.NDArray[np.uint64]
             points outside the file. The message names the file.
     """
     nbytes = chunks_per_shard * 16
+    fd = open_regular(path)
     try:
-        size = os.path.getsize(path)
+        size = os.fstat(fd).st_size
         _check_index_fits(path, size, nbytes)
-        with open(path, "rb") as f:
-            f.seek(size - nbytes - 4)
-            raw = f.read(nbytes + 4)
-    except FileNotFoundError:
-        raise DatasetFormatError(f"shard file {path} is missing: re-pack the dataset") from None
+        raw = os.pread(fd, nbytes + 4, size - nbytes - 4)
+    finally:
+        os.close(fd)
     return _parse_index(path, raw, size, chunks_per_shard)
 
 
@@ -321,3 +389,19 @@ def _check_present(path: str, index: npt.NDArray[np.uint64], expect: int) -> Non
         raise DatasetFormatError(
             f"shard file {path} holds {present} of its {expect} images: re-pack the dataset"
         )
+
+
+def read_chunk_checksums(path: str, index: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint32]:
+    """The crc32c each present chunk of the shard file at ``path`` ends with (its last
+    :data:`CHECKSUM_BYTES` bytes), in index order: what the packer records in ``checksums``."""
+    out = np.zeros(len(index), np.uint32)
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        for j, (off, n) in enumerate(index.tolist()):
+            if off == MISSING:
+                continue
+            raw = os.pread(fd, CHECKSUM_BYTES, off + n - CHECKSUM_BYTES)
+            if len(raw) != CHECKSUM_BYTES:
+                raise DatasetFormatError(f"shard file {path} is truncated: re-pack the dataset")
+            out[j] = int.from_bytes(raw, "little")
+    return out
