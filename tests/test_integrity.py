@@ -513,3 +513,39 @@ def test_a_shard_cut_short_under_its_mapping_is_an_error_not_sigbus(
     )
     assert proc.returncode == 0, proc.stderr[-2000:]  # not killed by SIGBUS (-7)
     assert f"ERROR shard file {_shard(store, 1)} shrank from" in proc.stdout
+
+
+@pytest.mark.parametrize("mode", ["in-process", "processes"])
+def test_a_sequence_reading_while_its_store_is_repacked_never_mixes_two_stores(
+    packed: dict[str, Path], tmp_path: Path, mode: str
+) -> None:
+    """``--overwrite`` with another seed while a Sequence reads: every batch served is the old
+    store's (images and labels of the same samples) until it stops with an error naming it."""
+    pytest.importorskip("keras")
+    from shardfit import Sequence
+
+    src = packed["none"].parent / "src"
+    store = tmp_path / "s.zarr"
+    kw = {"image_size": (8, 8), "shard_size": SHARD, "val_fraction": 0.25, "workers": 0}
+    pack_images(src, store, **kw)  # type: ignore[arg-type]
+    extra = {"workers": 2, "use_multiprocessing": True} if mode == "processes" else {}
+    before = Sequence(store, batch_size=3, shuffle=True, seed=1, **extra)  # type: ignore[arg-type]
+    want = [(x.copy(), y.copy()) for x, y in (before[i] for i in range(len(before)))]
+    before.close()
+    seq = Sequence(store, batch_size=3, shuffle=True, seed=1, **extra)  # type: ignore[arg-type]
+    served = 0
+    for i in range(2):
+        x, y = seq[i]
+        np.testing.assert_array_equal(x, want[i][0])
+        served += 1
+    pack_images(src, store, seed=7, overwrite=True, **kw)  # type: ignore[arg-type]
+    try:
+        for i in range(2, len(seq)):
+            x, y = seq[i]
+            np.testing.assert_array_equal(x, want[i][0])  # never the new store's images
+            np.testing.assert_array_equal(y, want[i][1])  # under the old store's labels
+            served += 1
+    except ShardfitError as err:
+        assert str(store) in str(err)
+    seq.close()
+    assert served >= 2
