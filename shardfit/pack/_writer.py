@@ -250,31 +250,28 @@ def write_arrays(
         config={"write_empty_chunks": True},
     )
     crc = zarr_compressors("none", 1)
-    lab = zarr.create_array(
-        store=store,
-        name=f"{split}/labels",
-        shape=(n,),
-        dtype="int32",
-        chunks=(max(1, min(n, 1 << 18)),),
-        compressors=crc,
-        fill_value=-1,
-        dimension_names=("sample",),
-        overwrite=True,
-    )
+
+    def per_sample(name: str, dtype: str, fill: int, **extra: Any) -> Any:
+        """A one-dimensional array with a value per sample, each chunk checksummed."""
+        return zarr.create_array(
+            store=store,
+            name=f"{split}/{name}",
+            shape=(n,),
+            dtype=dtype,
+            chunks=(max(1, min(n, 1 << 18)),),
+            compressors=crc,
+            fill_value=fill,
+            dimension_names=("sample",),
+            overwrite=True,
+            **extra,
+        )
+
+    lab = per_sample("labels", "int32", -1)
     # checksums[i]: the crc32c that ends sample i's chunk. A chunk's own checksum shows that its
     # bytes are intact; this array shows that they are sample i's of this pack, so a shard file
     # swapped with, copied over or replaced by another (each intact in itself) is caught.
-    sums = zarr.create_array(
-        store=store,
-        name=f"{split}/checksums",
-        shape=(n,),
-        dtype="uint32",
-        chunks=(max(1, min(n, 1 << 18)),),
-        compressors=crc,
-        fill_value=0,
-        dimension_names=("sample",),
-        attributes={"meaning": "crc32c that ends each sample's chunk in images"},
-        overwrite=True,
+    sums = per_sample(
+        "checksums", "uint32", 0, attributes={"meaning": "crc32c that ends each sample's chunk"}
     )
     # paths: UTF-8 bytes, NUL-padded to the longest, one row per sample. A uint8 array rather
     # than zarr's "string" data type (vlen-utf8), which tensorstore and most non-Python Zarr v3
