@@ -110,13 +110,15 @@ class ArrayLayout:
     Attributes:
         checksummed: every chunk ends with its crc32c (Zarr's ``crc32c`` codec, last).
         compressor: the name of the compressing codec, or ``None``.
+        chunks: the regular chunk grid's chunk (for a sharded array: shard) shape, as stored.
     """
 
-    __slots__ = ("checksummed", "compressor")
+    __slots__ = ("checksummed", "chunks", "compressor")
 
     def __init__(self, checksummed: bool, compressor: str | None) -> None:
         self.checksummed = checksummed
         self.compressor = compressor
+        self.chunks: list[Any] = []
 
 
 def _codec_chain(file: str, codecs: Any) -> ArrayLayout:
@@ -171,7 +173,9 @@ def check_array(
         raise damaged(file, f"has chunks {got!r} where {source} says {chunks}")
     codecs = doc.get("codecs")
     if inner is None:
-        return _codec_chain(file, codecs)
+        layout = _codec_chain(file, codecs)
+        layout.chunks = got
+        return layout
     sharding = codecs[0] if isinstance(codecs, list) and len(codecs) == 1 else None
     sconf = sharding.get("configuration") if isinstance(sharding, dict) else None
     if (
@@ -182,4 +186,6 @@ def check_array(
         or sconf.get("index_location", "end") != "end"
     ):
         raise damaged(file, f"is not sharded in chunks of {inner} with the index at the end")
-    return _codec_chain(file, sconf.get("codecs"))
+    layout = _codec_chain(file, sconf.get("codecs"))
+    layout.chunks = got
+    return layout
