@@ -216,3 +216,21 @@ def test_keras_runs_hooks_and_reads_the_length_on_the_calling_thread() -> None:
             ("end", kind, 3),
         }
     assert keras_call() is None
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="the tf.data pipeline is TensorFlow's"
+)
+@pytest.mark.parametrize("mode", [*CALL_MODES, "keras-pool"])
+def test_keras_builds_a_sequences_tf_dataset_without_autotuning(store, mode: str) -> None:  # noqa: F811
+    # tf.data's autotuning thread stalls fit for seconds between epochs (_tf_pipeline.py):
+    # the dataset fit makes of a Sequence has it off; one of another PyDataset is left alone
+    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
+    path, _ = store
+    seq = Sequence(path, batch_size=4, **MODES[mode])
+    ours = PyDatasetAdapter(seq, shuffle=True).get_tf_dataset()
+    assert ours.options().autotune.enabled is False
+    theirs = PyDatasetAdapter(_Recorder(), shuffle=True).get_tf_dataset()
+    assert theirs.options().autotune.enabled is not False
+    seq.close()

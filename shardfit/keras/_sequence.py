@@ -30,6 +30,7 @@ import numpy.typing as npt
 
 from shardfit._options import merge_options
 from shardfit.errors import InvalidOptionError
+from shardfit.keras import _tf_pipeline
 from shardfit.keras._calls import keras_call
 from shardfit.read._batch import BatchMaker
 from shardfit.read._buffers import BufferPool
@@ -541,3 +542,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         self.__dict__.update(state)
         self._lock = threading.Lock()
         _LIVE.add(self)
+
+
+# tf.data's autotuning thread stalls fit for seconds between epochs (see _tf_pipeline)
+_tf_pipeline.install(lambda dataset: isinstance(dataset, Sequence))
