@@ -27,7 +27,7 @@ from shardfit.errors import (
 )
 from shardfit.pack._pack import PackReport, pack_images
 from shardfit.pack.options import PackOptions
-from shardfit.read._epoch import batch_count, epoch_order
+from shardfit.read._epoch import batch_count, batch_slice, epoch_order
 from shardfit.read._reader import SplitReader, open_split
 from shardfit.read.options import SequenceOptions
 from shardfit.store._format import DatasetInfo, SplitInfo, read_info, shard_path
@@ -62,6 +62,7 @@ __all__ = [
     "WorkerCrashedError",
     "__version__",
     "batch_count",
+    "batch_slice",
     "epoch_order",
     "open_split",
     "pack_images",

@@ -128,7 +128,9 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):  # type: ignore[misc]
             "store": seq._reader.path,
             "split": seq._reader.split,
             "num_samples": seq.num_samples,
-            "batch_size": seq.options.batch_size,
+            # the steps of an epoch are global batches: a job resumed on another number of
+            # workers (num_shards) with the same global batch goes on where it stood
+            "global_batch_size": seq.options.batch_size * seq.options.num_shards,
             "seed": seq.options.seed,
             "shuffle": seq.shuffle,
             "shuffle_window": seq.options.shuffle_window,
@@ -136,6 +138,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):  # type: ignore[misc]
 
     def _check_same_data(self, saved: dict[str, Any]) -> None:
         mine = self._identity()
+        if "global_batch_size" not in saved and "batch_size" in saved:  # made before num_shards
+            saved = {**saved, "global_batch_size": saved["batch_size"]}
         differ = [k for k, v in mine.items() if saved.get(k) != v]
         if differ:
             raise InvalidOptionError(

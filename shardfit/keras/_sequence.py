@@ -175,7 +175,9 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         #: whether epochs are shuffled: ``options.shuffle``, or by default for "train" only
         self.shuffle: bool = split == "train" if opts.shuffle is None else opts.shuffle
         #: how samples are read: "mmap", "pread" or "stream" (whole shards read ahead)
-        self.io = read_path(opts.io, self._reader, self.mode, opts.shuffle_window)
+        self.io = read_path(
+            opts.io, self._reader, self.mode, opts.shuffle_window, num_shards=opts.num_shards
+        )
         self._maker = BatchMaker(self._reader, transform, opts.seed)
         self._cursor = EpochCursor(
             num_samples=self._reader.count,
@@ -187,6 +189,8 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
             window=opts.shuffle_window,
             initial_epoch=opts.initial_epoch,
             count_hooks=self.mode == "keras-processes",
+            num_shards=opts.num_shards,
+            shard_index=opts.shard_index,
         )
         self._buffers: tuple[int, BufferPool] | None = None
         self._procs: WorkerPool | None = None
@@ -407,8 +411,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         them: the current epoch's plan (the store's order without shuffling). ``predict`` and
         ``evaluate`` serve that plan and leave the epoch where it stands, so
         ``seq.labels`` read before or after ``model.predict(seq)`` scores its rows."""
-        order = self._cursor.order(self._cursor.epoch)
-        return self._reader.labels()[order[: self._cursor.length * self.options.batch_size]]
+        return self._reader.labels()[self._cursor.epoch_samples(self._cursor.epoch)]
 
     def on_epoch_begin(self) -> None:
         call = keras_call()

@@ -4,6 +4,13 @@ Shuffling with a shard window (docs/design.md, "Epoch plans"): shard order is pe
 shards are taken ``window`` at a time, and the samples of each window are permuted among themselves.
 Every sample appears exactly once per epoch, only ``window`` shards are read at a time (a bounded
 page-cache working set), and any process can compute the plan alone from (seed, epoch).
+
+Data-parallel training cuts the same plan among ``num_shards`` workers (a worker's share of the
+data, not the store's shard files): global batch ``b`` is the ``b``-th run of
+``batch_size * num_shards`` samples of the epoch's order, and worker ``i`` takes the ``i``-th of
+its ``num_shards`` parts. The epoch's order does not depend on the number of workers, so the
+samples trained on at each step are the same for 1, 2 or 4 workers with the same seed and global
+batch size: a job can change its worker count and keep its order.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["batch_count", "epoch_order", "shard_order"]
+__all__ = ["batch_count", "batch_slice", "epoch_order", "shard_order"]
 
 #: Stream ids, so that no two uses of one seed draw the same numbers.
 _SHARD_STREAM = 0x5348_0001
@@ -64,8 +71,26 @@ def epoch_order(
     return np.concatenate(parts).astype(np.int64)
 
 
-def batch_count(num_samples: int, batch_size: int, drop_remainder: bool) -> int:
-    """Batches per epoch: the last, smaller batch counts unless ``drop_remainder``."""
-    if drop_remainder:
-        return num_samples // batch_size
-    return -(-num_samples // batch_size)
+def batch_count(
+    num_samples: int, batch_size: int, drop_remainder: bool, num_shards: int = 1
+) -> int:
+    """Batches per epoch (of each worker, when ``num_shards`` workers share the epoch): every
+    full global batch of ``batch_size * num_shards`` samples, and the last, smaller one unless
+    ``drop_remainder``, or unless it holds fewer samples than there are workers (each worker
+    must get at least one: those few samples, other ones every epoch, wait for the next)."""
+    full, rest = divmod(num_samples, batch_size * num_shards)
+    return full + (1 if rest >= num_shards and rest > 0 and not drop_remainder else 0)
+
+
+def batch_slice(
+    num_samples: int, batch_size: int, index: int, *, num_shards: int = 1, shard_index: int = 0
+) -> slice:
+    """Where batch ``index`` of worker ``shard_index`` of ``num_shards`` lies in the epoch's
+    order: its part of global batch ``index``. Full global batches give every worker
+    ``batch_size`` samples; the last, smaller one is split in parts whose sizes differ by at
+    most one."""
+    start = index * batch_size * num_shards
+    size = max(0, min(batch_size * num_shards, num_samples - start))
+    return slice(
+        start + shard_index * size // num_shards, start + (shard_index + 1) * size // num_shards
+    )

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from shardfit.read._epoch import batch_count, epoch_order
+from shardfit.read._epoch import batch_count, batch_slice, epoch_order
 
 __all__ = ["EpochCursor", "Request"]
 
@@ -78,6 +78,8 @@ class EpochCursor:
         initial_epoch: the epoch of the first requests.
         count_hooks: count epochs by ``epoch_end`` calls (Keras's own process pool builds the
             batches, so requests are not seen here).
+        num_shards, shard_index: serve worker ``shard_index``'s part of each global batch of
+            ``batch_size * num_shards`` samples (data-parallel training; see ``_epoch``).
 
     Thread-safe. Pickles to a few numbers: plans are recomputed where they are needed.
     """
@@ -94,6 +96,8 @@ class EpochCursor:
         window: int,
         initial_epoch: int = 0,
         count_hooks: bool = False,
+        num_shards: int = 1,
+        shard_index: int = 0,
     ) -> None:
         self.num_samples = num_samples
         self.shard_size = shard_size
@@ -102,7 +106,9 @@ class EpochCursor:
         self.shuffle = shuffle
         self.window = window
         self.count_hooks = count_hooks
-        self.length = batch_count(num_samples, batch_size, drop_remainder)
+        self.num_shards = num_shards
+        self.shard_index = shard_index
+        self.length = batch_count(num_samples, batch_size, drop_remainder, num_shards)
         self._epoch = initial_epoch
         self._position = 0  # the next batch of the epoch's stream
         self._inside = False  # between epoch_begin and epoch_end
@@ -170,9 +176,23 @@ class EpochCursor:
         return order
 
     def samples(self, index: int, epoch: int) -> npt.NDArray[np.int64]:
-        """The samples of batch ``index`` of epoch ``epoch``."""
-        bs = self.batch_size
-        return self.order(epoch)[index * bs : (index + 1) * bs]
+        """The samples of batch ``index`` of epoch ``epoch`` (this worker's part of it)."""
+        where = batch_slice(
+            self.num_samples,
+            self.batch_size,
+            index,
+            num_shards=self.num_shards,
+            shard_index=self.shard_index,
+        )
+        return self.order(epoch)[where]
+
+    def epoch_samples(self, epoch: int) -> npt.NDArray[np.int64]:
+        """Every sample this worker serves in epoch ``epoch``, in order."""
+        if self.num_shards == 1:
+            return self.order(epoch)[: self.length * self.batch_size]
+        return np.concatenate(
+            [self.samples(b, epoch) for b in range(self.length)] or [np.empty(0, np.int64)]
+        )
 
     def request(self, index: int) -> Request:
         """What to serve for a request of batch ``index`` now; counts the request.

@@ -306,16 +306,23 @@ def drops_cache(reader: SplitReader) -> bool:
 
 
 def read_path(
-    io: IoChoice, reader: SplitReader, mode: Mode, window: int, memory: int | None = None
+    io: IoChoice,
+    reader: SplitReader,
+    mode: Mode,
+    window: int,
+    memory: int | None = None,
+    *,
+    num_shards: int = 1,
 ) -> Literal["mmap", "pread", "stream"]:
     """How a Sequence in ``mode`` with option ``io`` reads: ``io`` itself unless ``"auto"``;
     then the reader's own choice (``"mmap"`` when the shards fit in half of ``memory``, the
     memory this process may use, by default read from the system), upgraded from ``"pread"``
-    to ``"stream"`` when batches are built in this process and the stager's buffers fit in a
-    third of ``memory``."""
+    to ``"stream"`` when batches are built in this process, the stager's buffers fit in a
+    third of ``memory``, and one worker trains alone (``num_shards == 1``: a worker of several
+    needs only its part of each shard file)."""
     if io != "auto":
         return io
-    if reader.io_mode == "mmap" or mode not in ("in-process", "threads"):
+    if reader.io_mode == "mmap" or mode not in ("in-process", "threads") or num_shards > 1:
         return reader.io_mode
     memory = memory_bytes() if memory is None else memory
     shard_bytes = -(-reader.data_bytes() // max(reader.num_shards, 1))

@@ -84,6 +84,12 @@ class SequenceOptions:
             one packed at that position of the pack this Sequence opened (4 bytes compared), so
             a swapped or replaced shard, or a store re-packed under a running job, stops
             training with an error naming the file instead of feeding it other data.
+        num_shards: workers training one model data-parallel, each with a Sequence of its
+            own (a worker's share of the data; the store's shard files are another thing).
+            ``batch_size`` is each worker's batch; the global batch, ``batch_size *
+            num_shards`` samples, is the same set at every step whatever ``num_shards`` is, for
+            the same seed and global batch size (see :func:`~shardfit.batch_slice`).
+        shard_index: this worker's place among them, ``0 .. num_shards - 1``.
     """
 
     batch_size: int = 32
@@ -99,6 +105,8 @@ class SequenceOptions:
     shared_memory: bool = True
     io: IoChoice = "auto"
     verify: VerifyChoice = "once"
+    num_shards: int = 1
+    shard_index: int = 0
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
@@ -107,6 +115,13 @@ class SequenceOptions:
         _check_int("initial_epoch", self.initial_epoch, 0)
         _check_int("workers", self.workers, 0)
         _check_int("max_queue_size", self.max_queue_size, 1)
+        _check_int("num_shards", self.num_shards, 1)
+        _check_int("shard_index", self.shard_index, 0)
+        if self.shard_index >= self.num_shards:
+            raise InvalidOptionError(
+                f"shard_index must be in [0, num_shards). Received: shard_index="
+                f"{self.shard_index} with num_shards={self.num_shards}"
+            )
         if self.label_mode not in ("int", "categorical", None):
             raise InvalidOptionError(
                 f"label_mode must be one of 'int', 'categorical', None. "
@@ -133,6 +148,12 @@ class SequenceOptions:
                 "io='stream' reads whole shards into the memory of the process that serves the "
                 "batches, which worker processes cannot share: with use_multiprocessing=True use "
                 "io='auto', 'pread' or 'mmap'. Received: io='stream'"
+            )
+        if self.io == "stream" and self.num_shards > 1:
+            raise InvalidOptionError(
+                "io='stream' reads whole shard files, and with num_shards > 1 each worker needs "
+                "only its part of each: use io='auto', 'pread' or 'mmap'. Received: io='stream' "
+                f"with num_shards={self.num_shards}"
             )
 
 
