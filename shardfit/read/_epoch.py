@@ -79,7 +79,7 @@ def batch_count(
     ``drop_remainder``, or unless it holds fewer samples than there are workers (each worker
     must get at least one: those few samples, other ones every epoch, wait for the next)."""
     full, rest = divmod(num_samples, batch_size * num_shards)
-    return full + (1 if rest >= num_shards and rest > 0 and not drop_remainder else 0)
+    return full + (1 if rest >= num_shards and not drop_remainder else 0)
 
 
 def batch_slice(
