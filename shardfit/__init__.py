@@ -27,6 +27,7 @@ from shardfit.errors import (
 )
 from shardfit.pack._pack import PackReport, pack_images
 from shardfit.pack.options import PackOptions
+from shardfit.read._cluster import cluster_shard
 from shardfit.read._epoch import batch_count, batch_slice, epoch_order
 from shardfit.read._reader import SplitReader, open_split
 from shardfit.read.options import SequenceOptions
@@ -63,6 +64,7 @@ __all__ = [
     "__version__",
     "batch_count",
     "batch_slice",
+    "cluster_shard",
     "epoch_order",
     "open_split",
     "pack_images",

@@ -2,9 +2,10 @@
 
 Usage: ``TF_CONFIG=... python _mwms_child.py STORE MODE OUT``. Trains one model with the other
 worker (gradients all-reduced over loopback), on this worker's part of every global batch of 8
-(``num_shards=2``, ``shard_index`` = this task's index), 2 epochs; writes to OUT
-``{"steps": {epoch: [[index encoded by each sample] for each step]}, "weights": [...]}``: what
-the replica was fed, and the final weights, which the two workers must agree on.
+(``num_shards=2`` and this task's ``shard_index``, from ``shardfit.cluster_shard()``), 2 epochs;
+writes to OUT ``{"steps": {epoch: [[index encoded by each sample] for each step]},
+"weights": [...]}``: what the replica was fed, and the final weights, which the two workers must
+agree on.
 
 A training loop of its own (``strategy.run``): Keras 3's ``fit`` under this strategy fails in
 Keras before its first batch, for any dataset (keras-team/keras#20585; seen with 3.15).
@@ -34,10 +35,9 @@ MODES = {
 def main() -> None:
     store, mode, out = sys.argv[1], sys.argv[2], sys.argv[3]
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-    seq = shardfit.Sequence(
-        store, batch_size=4, seed=3, num_shards=2, shard_index=task, **MODES[mode]
-    )
+    share = shardfit.cluster_shard()  # from TF_CONFIG: {"num_shards": 2, "shard_index": task}
+    task = share["shard_index"]
+    seq = shardfit.Sequence(store, batch_size=4, seed=3, **share, **MODES[mode])
     spec = (
         tf.TensorSpec((None, 8, 8, 3), tf.float32),
         tf.TensorSpec((None,), tf.int32),

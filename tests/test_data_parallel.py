@@ -226,3 +226,56 @@ def test_a_backup_resumes_on_another_worker_count_with_the_same_global_batch(
         shardfit.BackupAndRestore(tmp_path / "b", other)._check_same_data(saved)
     for seq in (one, two, other):
         seq.close()
+
+
+@pytest.mark.parametrize(
+    "cluster",
+    [
+        {"worker": ["a:1", "b:1"]},
+        {"chief": ["c:1"], "worker": ["a:1", "b:1", "d:1"]},
+        {"chief": ["c:1"]},
+    ],
+)
+def test_a_workers_share_from_tf_config_is_tf_distributes_own_numbering(
+    cluster: dict[str, list[str]],
+) -> None:
+    multi_worker_util = pytest.importorskip("tensorflow.python.distribute.multi_worker_util")
+    tasks = [(kind, i) for kind in ("chief", "worker") for i in range(len(cluster.get(kind, [])))]
+    shares = []
+    for kind, i in tasks:
+        config = json.dumps({"cluster": cluster, "task": {"type": kind, "index": i}})
+        share = shardfit.cluster_shard(config)
+        assert share["num_shards"] == len(tasks)
+        assert share["shard_index"] == multi_worker_util.id_in_cluster(cluster, kind, i)
+        shares.append(share["shard_index"])
+    assert sorted(shares) == list(range(len(tasks)))
+
+
+def test_no_tf_config_is_one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert shardfit.cluster_shard() == {"num_shards": 1, "shard_index": 0}
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        json.dumps({"cluster": {"worker": ["a", "b"]}, "task": {"type": "worker", "index": 1}}),
+    )
+    assert shardfit.cluster_shard() == {"num_shards": 2, "shard_index": 1}
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ("{not json", r"TF_CONFIG must be JSON like"),
+        ('{"cluster": {"worker": ["a"]}}', r"TF_CONFIG must be JSON like .*KeyError"),
+        (
+            '{"cluster": {"worker": ["a"], "ps": ["p"]}, "task": {"type": "ps", "index": 0}}',
+            r"names a 'ps' task, which trains on no share",
+        ),
+        (
+            '{"cluster": {"worker": ["a"]}, "task": {"type": "worker", "index": 1}}',
+            r"task index must be in \[0, 1\)",
+        ),
+    ],
+)
+def test_a_bad_tf_config_names_what_is_wrong(config: str, match: str) -> None:
+    with pytest.raises(InvalidOptionError, match=match):
+        shardfit.cluster_shard(config)
