@@ -50,6 +50,10 @@ log = logging.getLogger("shardfit")
 _LIVE: weakref.WeakSet[Sequence] = weakref.WeakSet()
 #: How long the interpreter's exit waits for batch requests under way to leave.
 _EXIT_WAIT_S = 10.0
+#: How long no batch request must have come before the interpreter's exit goes on.
+_QUIET_S = 0.5
+#: When the last batch request came or left, by ``time.monotonic()`` (any Sequence).
+_LAST_CALL = [0.0]
 
 
 def _before_exit() -> None:
@@ -61,6 +65,12 @@ def _before_exit() -> None:
     destroying its iterator at exit, waits for it forever: the process hangs (seen in 1 run of
     6 of ``benchmarks/bench_resume.py`` under a memory limit). ``atexit`` runs while other
     threads still run normally: requests now fail at once, and those under way are waited for.
+    Then, if a request came within the last ``_QUIET_S``, it waits until none has for that
+    long: TensorFlow's thread asks once more after a failed request (a generator's
+    ``StopIteration``, Python code again, outside ``__getitem__``); asked during finalization,
+    that call never returns and the exit hangs just the same (1 run in 10 of
+    ``tests/_exit_child.py`` with the wait for requests under way alone; gdb: the prefetch
+    thread inside ``GeneratorDataset``'s function, the main thread destroying its iterator).
     """
     live = list(_LIVE)
     for seq in live:
@@ -70,6 +80,8 @@ def _before_exit() -> None:
         seq.close()
     deadline = time.monotonic() + _EXIT_WAIT_S
     while any(seq._active for seq in live) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    while time.monotonic() - _LAST_CALL[0] < _QUIET_S and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -262,6 +274,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
 
     def __getitem__(self, index: int) -> Any:
         with self._lock:
+            _LAST_CALL[0] = time.monotonic()
             if self._exiting:
                 raise RuntimeError("shardfit.Sequence: the interpreter is exiting")
             self._active += 1
@@ -270,6 +283,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         finally:
             with self._lock:
                 self._active -= 1
+                _LAST_CALL[0] = time.monotonic()
 
     def _serve(self, index: int) -> Any:
         req = self._cursor.request(index)  # streamed only in the process that owns the cursor
