@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("shardfit")
@@ -32,7 +33,7 @@ log = logging.getLogger("shardfit")
 _INSTALLED = False
 
 
-def install(owns: Any) -> None:
+def install(owns: Callable[[object], bool]) -> None:
     """Turn tf.data autotuning off in the datasets Keras builds of datasets for which
     ``owns(py_dataset)`` is true. Idempotent."""
     global _INSTALLED

@@ -188,8 +188,6 @@ class EpochCursor:
 
     def epoch_samples(self, epoch: int) -> npt.NDArray[np.int64]:
         """Every sample this worker serves in epoch ``epoch``, in order."""
-        if self.num_shards == 1:
-            return self.order(epoch)[: self.length * self.batch_size]
         return np.concatenate(
             [self.samples(b, epoch) for b in range(self.length)] or [np.empty(0, np.int64)]
         )
