@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from shardfit._version import __version__
 from shardfit.errors import (
+    CacheFullError,
     ChecksumError,
     DatasetFormatError,
     ImageDecodeError,
@@ -17,6 +18,7 @@ from shardfit.errors import (
     OutputExistsError,
     OutputLockedError,
     OutputWriteError,
+    RemoteStoreError,
     ResumeMismatchError,
     ShardfitError,
     SharedMemoryError,
@@ -39,6 +41,7 @@ if TYPE_CHECKING:  # imported lazily at run time: they need Keras and its backen
 
 __all__ = [
     "BackupAndRestore",
+    "CacheFullError",
     "ChecksumError",
     "DatasetFormatError",
     "DatasetInfo",
@@ -50,6 +53,7 @@ __all__ = [
     "OutputWriteError",
     "PackOptions",
     "PackReport",
+    "RemoteStoreError",
     "ResumeMismatchError",
     "Sequence",
     "SequenceOptions",

@@ -39,7 +39,11 @@ def _pack_parser(prog: str) -> argparse.ArgumentParser:
         description="Pack an image folder (one subfolder per class) into sharded Zarr.",
     )
     p.add_argument("src", help="folder with one subfolder per class")
-    p.add_argument("out", help="zarr store to write, e.g. data.zarr")
+    p.add_argument(
+        "out",
+        help="zarr store to write, e.g. data.zarr, or an object store URL (s3://bucket/data.zarr;"
+        " endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)",
+    )
     p.add_argument("--image-size", nargs=2, type=int, required=True, metavar=("HEIGHT", "WIDTH"))
     p.add_argument(
         "--shard-size", type=int, default=None, help="images per shard (default: ~128 MiB)"
@@ -57,6 +61,19 @@ def _pack_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--class-names", nargs="+", default=None, metavar="NAME")
     p.add_argument(
         "--background", nargs=3, type=int, default=(255, 255, 255), metavar=("R", "G", "B")
+    )
+    p.add_argument(
+        "--dask",
+        default=None,
+        metavar="ADDRESS",
+        help="decode on a dask.distributed cluster: its scheduler address (tcp://host:8786), "
+        "or local:N for a local cluster of N worker processes",
+    )
+    p.add_argument(
+        "--staging-dir",
+        default=None,
+        help="with an object store URL: where the store is packed before its upload "
+        "(default: $SHARDFIT_CACHE or ~/.cache/shardfit)",
     )
     p.add_argument("--resume", action="store_true", help="finish an interrupted pack")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -181,6 +198,8 @@ def pack_main(argv: Sequence[str] | None = None, prog: str = "pack_images.py") -
                 overwrite=args.overwrite,
                 dry_run=args.dry_run,
                 progress=not args.quiet,
+                staging_dir=args.staging_dir,
+                dask=args.dask,
             )
     except ShardfitError as err:
         print(f"{prog}: error: {as_flags(str(err))}", file=sys.stderr)

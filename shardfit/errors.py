@@ -8,6 +8,7 @@ for an output that is in the way), so generic handlers keep working.
 from __future__ import annotations
 
 __all__ = [
+    "CacheFullError",
     "ChecksumError",
     "DatasetFormatError",
     "ImageDecodeError",
@@ -16,6 +17,7 @@ __all__ = [
     "OutputExistsError",
     "OutputLockedError",
     "OutputWriteError",
+    "RemoteStoreError",
     "ResumeMismatchError",
     "ShardfitError",
     "SharedMemoryError",
@@ -95,3 +97,13 @@ class WorkerCrashedError(ShardfitError, RuntimeError):
 
 class TransformError(ShardfitError, ValueError):
     """A ``transform`` returned something that is not a batch of images."""
+
+
+class RemoteStoreError(ShardfitError, OSError):
+    """An object store could not be read or written (after retries), or an object is missing;
+    the message names the object's URL."""
+
+
+class CacheFullError(ShardfitError, OSError):
+    """The local shard cache of a remote store has no room: every cached shard is in use and
+    ``cache_limit`` cannot hold one more."""

@@ -38,7 +38,7 @@ from shardfit.read._order import EpochCursor, Request
 from shardfit.read._prefetch import Prefetcher
 from shardfit.read._reader import SplitReader
 from shardfit.read._stage import ShardStager, drops_cache, read_path
-from shardfit.read._workers import WorkerPool
+from shardfit.read._workers import WorkerPool, worker_context
 from shardfit.read.options import Mode, SequenceOptions, build_mode
 from shardfit.transforms import Transform
 
@@ -114,7 +114,9 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
     are converted), labels as ``label_mode`` says. Any index may be asked for in any order.
 
     Args:
-        path: the store written by ``pack_images``.
+        path: the store written by ``pack_images``: a local path, or an object store URL
+            (``s3://bucket/data.zarr``, ``gs://``, ``az://``) read through a local cache of
+            whole shards (README, "Beyond one machine").
         split: ``"train"`` or ``"val"``.
         batch_size: samples per batch (default: ``options.batch_size``, 32).
         options: a :class:`~shardfit.SequenceOptions`; or give its fields as keyword arguments
@@ -124,6 +126,9 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         transform: ``fn(images, rng) -> images`` applied to every batch where it is built (in
             the worker processes, with ``use_multiprocessing=True``), ``rng`` seeded from
             ``(seed, epoch, batch index)``: see :mod:`shardfit.transforms`.
+        storage_options, cache_dir, cache_limit: for an object store URL, as
+            :class:`~shardfit.SplitReader` takes them: client options (obstore's, or the s3fs
+            names xarray and zarr use), where shards are cached, and the cache's byte bound.
 
     ``seq.options`` reads back what was passed and ``seq.mode`` says where batches are built:
     ``"in-process"``, ``"threads"`` (``workers > 1``: shardfit's own threads), ``"processes"``
@@ -168,6 +173,9 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         *,
         options: SequenceOptions | None = None,
         transform: Transform | None = None,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_limit: int | None = None,
         **option_kwargs: Any,
     ) -> None:
         if batch_size is not None:
@@ -182,8 +190,20 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         super().__init__(**_keras_arguments(opts, self.mode))
         self.transform = transform
         self._reader = SplitReader(
-            path, split, io="pread" if opts.io == "stream" else opts.io, verify=opts.verify
+            path,
+            split,
+            io="pread" if opts.io == "stream" else opts.io,
+            verify=opts.verify,
+            storage_options=storage_options,
+            cache_dir=cache_dir,
+            cache_limit=cache_limit,
         )
+        if self._reader.url is not None and self.mode == "keras-processes":
+            raise InvalidOptionError(
+                "shared_memory=False leaves worker processes to Keras, which forks them, and an "
+                "object store's client cannot run in a forked copy of a process that used it: "
+                f"use shared_memory=True for {self._reader.url}. Received: shared_memory=False"
+            )
         #: whether epochs are shuffled: ``options.shuffle``, or by default for "train" only
         self.shuffle: bool = split == "train" if opts.shuffle is None else opts.shuffle
         #: how samples are read: "mmap", "pread" or "stream" (whole shards read ahead)
@@ -381,6 +401,13 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         workers = self._procs  # stays, closed, so that late requests fail, not restart it
         if workers is not None:
             workers.close()
+        self._reader.close()
+
+    @property
+    def cache_stats(self) -> dict[str, float] | None:
+        """For an object store: what this process's shard cache did (see
+        :meth:`shardfit.SplitReader.cache_stats`); ``None`` for a local store."""
+        return self._reader.cache_stats()
 
     @property
     def transport_stats(self) -> tuple[int, int] | None:
@@ -525,6 +552,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
                     # for each, the model's one or two
                     slots=self.options.max_queue_size + 2 * self.options.workers + 2,
                     slot_bytes=self.options.batch_size * per_image,
+                    ctx=worker_context(self._reader),
                 )
             return self._procs
 

@@ -26,15 +26,18 @@ from shardfit._version import __version__
 from shardfit.errors import (
     DatasetFormatError,
     ImageDecodeError,
+    InvalidOptionError,
     OutputExistsError,
     OutputLockedError,
     OutputWriteError,
     ResumeMismatchError,
     ShardfitError,
 )
+from shardfit.pack._dask import DaskDecodePool
 from shardfit.pack._decode import DecodeSpec
 from shardfit.pack._plan import global_order, stratified_split
 from shardfit.pack._pool import DecodePool
+from shardfit.pack._remote import pack_remote, staging_path
 from shardfit.pack._scan import ScanResult, scan_folder, shown
 from shardfit.pack._writer import (
     ShardRecord,
@@ -44,6 +47,7 @@ from shardfit.pack._writer import (
     write_arrays,
 )
 from shardfit.pack.options import PackOptions
+from shardfit.remote._client import Location, is_remote
 from shardfit.store._format import (
     ATTRS_KEY,
     FORMAT_VERSION,
@@ -79,6 +83,7 @@ class PackReport:
         decoded: files decoded by this call (stored or skipped).
         seconds: wall time of this call.
         bytes_written: bytes of shard files written by this call.
+        bytes_uploaded: to an object store: bytes uploaded by this call.
         dry_run: nothing was written.
     """
 
@@ -94,6 +99,7 @@ class PackReport:
     decoded: int = 0
     seconds: float = 0.0
     bytes_written: int = 0
+    bytes_uploaded: int = 0
     dry_run: bool = False
 
     @property
@@ -295,6 +301,9 @@ def pack_images(
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    staging_dir: str | os.PathLike[str] | None = None,
+    dask: Any = None,
     **option_kwargs: Any,
 ) -> PackReport:
     """Pack the image folder ``src`` (one subfolder per class) into the store ``out``.
@@ -313,6 +322,15 @@ def pack_images(
             interrupted pack.
         dry_run: scan and plan only; write nothing.
         progress: show a tqdm progress bar on stderr.
+        storage_options: when ``out`` is an object store URL (``s3://bucket/data.zarr``):
+            client options, as :class:`~shardfit.SplitReader` takes them. Such a store is
+            packed in a local staging folder, then uploaded, its root metadata last.
+        staging_dir: where a store bound for an object store is packed first (default: the
+            shard cache folder, ``$SHARDFIT_CACHE`` or ``~/.cache/shardfit``).
+        dask: decode on a ``dask.distributed`` cluster instead of local processes: a
+            ``distributed.Client``, a scheduler address (``"tcp://host:8786"``), or
+            ``"local:N"`` for a local cluster of ``N`` worker processes. The store is the
+            same, byte for byte.
 
     Returns:
         A :class:`PackReport`.
@@ -331,6 +349,30 @@ def pack_images(
     """
     options = merge_options(PackOptions, options, option_kwargs)
     started = time.perf_counter()
+    if is_remote(out):
+        location = Location.of(str(out), storage_options)
+        staging = staging_path(location, staging_dir)
+        if dry_run:
+            planned = pack_images(src, staging, options, dry_run=True)
+            return dataclasses.replace(planned, output=location.url)
+        scan = scan_folder(src, options.class_names)
+        report: PackReport = pack_remote(
+            lambda local, **how: pack_images(
+                src, local, options, progress=progress, dask=dask, **how
+            ),
+            location,
+            staging,
+            pack_id=_fingerprint(options, scan)[:32],
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+        )
+        return report
+    if storage_options is not None:
+        raise InvalidOptionError(
+            "storage_options apply to an object store URL (s3://, gs://, az://), not to the "
+            f"local path {os.fspath(out)!r}"
+        )
     out_s = os.path.abspath(os.fspath(out))
     partial = out_s + PARTIAL_SUFFIX
     scan = scan_folder(src, options.class_names)
@@ -362,7 +404,17 @@ def pack_images(
         lock, created = _lock_partial(out_s, partial)
         try:
             return _pack_locked(
-                scan, options, plan, out_s, partial, created, resume, overwrite, progress, started
+                scan,
+                options,
+                plan,
+                out_s,
+                partial,
+                created,
+                resume,
+                overwrite,
+                progress,
+                started,
+                dask,
             )
         finally:
             if lock is not None:
@@ -412,6 +464,7 @@ def _pack_locked(
     overwrite: bool,
     progress: bool,
     started: float,
+    dask: Any = None,
 ) -> PackReport:
     """The pack itself, from the prepared partial store to the published one; the caller holds
     the partial store's lock."""
@@ -444,7 +497,7 @@ def _pack_locked(
     if reused:
         log.info("resuming %s: %d complete shards kept", partial, reused)
     tasks = [(s, int(i)) for s, idx in plan.items() for i in idx[writers[s].pos :]]
-    _decode_into_shards(scan, options, plan, tasks, writers, progress)
+    _decode_into_shards(scan, options, plan, tasks, writers, progress, dask)
     skipped = _finalize(partial, scan, options, plan, writers)
     _publish(partial, out)
     written = sum(wr.bytes_written for wr in writers.values())
@@ -578,8 +631,10 @@ def _decode_into_shards(
     tasks: list[tuple[str, int]],
     writers: dict[str, SplitWriter],
     progress: bool,
+    dask: Any = None,
 ) -> None:
-    """Decode ``tasks`` (split, file index) in worker processes, in order, into the writers."""
+    """Decode ``tasks`` (split, file index) in worker processes (local, or on the Dask cluster
+    ``dask``), in order, into the writers."""
     from tqdm import tqdm
 
     h, w = options.image_size
@@ -596,7 +651,12 @@ def _decode_into_shards(
     bar = tqdm(total=len(tasks), unit="img", disable=None if progress else True, dynamic_ncols=True)
     bar.set_postfix(skipped=0, refresh=False)
     try:
-        with DecodePool(options.resolved_workers(), spec, options.compression) as pool:
+        pool: DecodePool | DaskDecodePool
+        if dask is not None:
+            pool = DaskDecodePool(dask, spec, options.compression)
+        else:
+            pool = DecodePool(options.resolved_workers(), spec, options.compression)
+        with pool:
             sources = [os.path.join(scan.root, scan.paths[i]) for _, i in tasks]
             for (split, i), result in zip(tasks, pool.imap(sources), strict=True):
                 rel = scan.paths[i]

@@ -45,6 +45,8 @@ import numpy.typing as npt
 from shardfit.errors import ChecksumError, DatasetFormatError, InvalidOptionError, StoreChangedError
 from shardfit.read.options import VERIFY_CHOICES
 from shardfit.read.options import VerifyChoice as Verify
+from shardfit.remote._cache import ShardCache, default_cache_dir, remote_pack_id
+from shardfit.remote._client import Location, is_remote
 from shardfit.store._format import ATTRS_KEY, read_info, shard_path
 from shardfit.store._shardio import (
     CHECKSUM_BYTES,
@@ -52,6 +54,7 @@ from shardfit.store._shardio import (
     crc32c,
     crc32c_extend,
     read_full_shard_index,
+    read_full_shard_index_fd,
     shard_index_of_bytes,
 )
 from shardfit.store._validate import check_array, load_json, open_regular, regular_file_size
@@ -83,12 +86,12 @@ class _ShardFile:
 
     __slots__ = ("fd", "offsets", "path", "sizes")
 
-    def __init__(self, path: str, offsets: list[int], sizes: list[int]) -> None:
+    def __init__(self, path: str, offsets: list[int], sizes: list[int], fd: int = -1) -> None:
         self.fd = -1
         self.path = path
         self.offsets = offsets  # byte offset of each chunk, in the file
         self.sizes = sizes  # stored bytes of each chunk
-        self.fd = open_regular(path)
+        self.fd = open_regular(path) if fd < 0 else fd
 
     def __del__(self, _close: Any = os.close) -> None:
         # os.close bound at definition: at interpreter exit the os module may be gone already
@@ -113,6 +116,9 @@ class _Open:
     labels: npt.NDArray[np.int32] | None = None
     checksums: npt.NDArray[np.uint32] | None = None
     verified: dict[int, npt.NDArray[np.bool_]] = field(default_factory=dict)
+    #: remote stores: each shard's checked index (a pack's shards never change, wherever
+    #: the cache fetched them from)
+    indexes: dict[int, npt.NDArray[np.uint64]] = field(default_factory=dict)
     map_lock: threading.Lock = field(default_factory=threading.Lock)
     codec: Any = None
     local: threading.local = field(default_factory=threading.local)
@@ -124,6 +130,9 @@ def open_split(
     *,
     io: IoMode = "auto",
     verify: Verify = "once",
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_limit: int | None = None,
 ) -> SplitReader:
     """Open one split of a store for random access to its samples, without Keras.
 
@@ -131,14 +140,23 @@ def open_split(
     label, and ``shardfit.epoch_order(...)`` the order a ``Sequence`` visits them; see
     :class:`SplitReader`.
     """
-    return SplitReader(path, split, io=io, verify=verify)
+    return SplitReader(
+        path,
+        split,
+        io=io,
+        verify=verify,
+        storage_options=storage_options,
+        cache_dir=cache_dir,
+        cache_limit=cache_limit,
+    )
 
 
 class SplitReader:
     """Random access to the images and labels of one split of a shardfit store.
 
     Args:
-        path: the store.
+        path: the store: a local path, or an object store URL (``s3://bucket/data.zarr``,
+            ``gs://...``, ``az://...``) read through a local cache of whole shard files.
         split: ``"train"`` or ``"val"``.
         io: how samples are read: ``"mmap"`` (fastest when the shards are page-cached),
             ``"pread"`` (fastest when they are not: data larger than the memory available for
@@ -149,6 +167,16 @@ class SplitReader:
             read) or ``"off"``. Except with ``"off"``, every read also checks that the chunk is
             the one packed at that position of this pack (its crc32c against the store's
             ``checksums``). Stores of format 1 and 2 have no checksums: nothing is verified.
+        storage_options: for an object store URL: obstore's options, or the s3fs names
+            (``key``, ``secret``, ``endpoint_url``, ``anon``, ``client_kwargs``) as xarray and
+            zarr take them. Endpoint and credentials otherwise come from the environment
+            (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+            ``AWS_DEFAULT_REGION``, ...).
+        cache_dir: where an object store's shards are cached (shared by every process on the
+            machine); default ``$SHARDFIT_CACHE`` or ``~/.cache/shardfit``.
+        cache_limit: bytes of shard files the cache may hold (least recently used ones are
+            deleted to make room); ``None``: no bound. It must hold the shards read at once
+            by every reader on the machine (about ``shuffle_window + 5`` shards per reader).
 
     Attributes:
         io_mode: ``"mmap"`` or ``"pread"``: the way this reader reads, ``io`` resolved once at
@@ -167,6 +195,9 @@ class SplitReader:
         *,
         io: IoMode = "auto",
         verify: Verify = "once",
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_limit: int | None = None,
     ) -> None:
         if not isinstance(io, str) or io not in _IO_MODES:
             raise InvalidOptionError(
@@ -176,6 +207,32 @@ class SplitReader:
             raise InvalidOptionError(
                 f"verify must be one of {', '.join(repr(m) for m in VERIFY_CHOICES)}. "
                 f"Received: {verify!r}"
+            )
+        #: the object store URL this reader reads (``None``: a local store)
+        self.url: str | None = None
+        self._cache: ShardCache | None = None
+        if is_remote(path):
+            if io == "mmap":
+                raise InvalidOptionError(
+                    "io='mmap' does not apply to an object store, whose shards come and go in "
+                    "a local cache: use io='auto' or 'pread'. Received: io='mmap'"
+                )
+            if cache_limit is not None and (
+                not isinstance(cache_limit, int) or isinstance(cache_limit, bool) or cache_limit < 1
+            ):
+                raise InvalidOptionError(
+                    f"cache_limit must be a positive int (bytes) or None. Received: {cache_limit!r}"
+                )
+            location = Location.of(str(path), storage_options)
+            folder = default_cache_dir() if cache_dir is None else os.fspath(cache_dir)
+            self._cache = ShardCache(location, folder, cache_limit)
+            self.url = location.url
+            path = self._cache.mirror()
+            io = "pread"
+        elif storage_options is not None or cache_limit is not None:
+            raise InvalidOptionError(
+                "storage_options and cache_limit apply to an object store URL (s3://, gs://, "
+                f"az://), not to the local path {os.fspath(path)!r}"
             )
         info = read_info(path)
         if split not in info.splits:
@@ -218,6 +275,8 @@ class SplitReader:
     def data_bytes(self) -> int:
         """Bytes of the split's shard files (from their sizes; estimated if they cannot be
         listed: errors about missing files are for the first read to report)."""
+        if self._cache is not None:
+            return sum(self.max_shard_bytes(k) for k in range(self.num_shards))
         try:
             return sum(
                 os.stat(shard_path(self.path, self.split, k)).st_size
@@ -337,7 +396,7 @@ class SplitReader:
         Raises:
             DatasetFormatError: the content is truncated or corrupt (the file is named).
         """
-        path = shard_path(self.path, self.split, k)
+        path = self.shard_name(k)
         expect = min(self.shard_size, self.count - k * self.shard_size)
         index = shard_index_of_bytes(path, data, self.shard_size, expect)[:expect]
         dense = self._dense(path, data, index)
@@ -393,8 +452,65 @@ class SplitReader:
             chunk = self._chunk_bytes + self._chunk_bytes // 64 + 4096 + self._trailer
         return expect * chunk + 16 * self.shard_size + 4
 
+    def shard_name(self, k: int) -> str:
+        """What names shard ``k``'s file in messages: its path, or its object's URL."""
+        if self.url is not None:
+            return f"{self.url}/{self.split}/images/c/{k}/0/0/0"
+        return shard_path(self.path, self.split, k)
+
+    def open_shard(self, k: int) -> int:
+        """A read-only descriptor of shard ``k``'s file; for an object store, of its copy in
+        the cache (fetched if need be), leased until the descriptor is closed."""
+        if self._cache is None:
+            return open_regular(shard_path(self.path, self.split, k))
+        expect = min(self.shard_size, self.count - k * self.shard_size)
+        return self._cache.lease(self.split, k, self.max_shard_bytes(k), expect, self.shard_size)
+
+    def close(self) -> None:
+        """Stop an object store's background fetches (nothing to do for a local store)."""
+        if self._cache is not None:
+            self._cache.close()
+
+    def cache_stats(self) -> dict[str, float] | None:
+        """For an object store: this process's shard requests served from the cache
+        (``hits``), fetched (``misses``), ``hit_rate``, ``bytes_fetched``; and the bytes every
+        process fetched into this store's cache folder (``bytes_fetched_all``). ``None`` for a
+        local store."""
+        if self._cache is None:
+            return None
+        from shardfit.remote._cache import fetched_bytes
+
+        st = self._cache.stats
+        return {
+            "hits": st.hits,
+            "misses": st.misses,
+            "hit_rate": st.hit_rate,
+            "bytes_fetched": st.bytes_fetched,
+            "bytes_fetched_all": fetched_bytes(self._cache.root),
+        }
+
+    def _remote_index(self, k: int, fd: int | None = None) -> npt.NDArray[np.uint64]:
+        """Shard ``k``'s checked index, read once per process from its cached copy."""
+        opened = self._handles()
+        got = opened.indexes.get(k)
+        if got is not None:
+            return got
+        expect = min(self.shard_size, self.count - k * self.shard_size)
+        own = fd is None
+        fd = self.open_shard(k) if fd is None else fd
+        try:
+            index = read_full_shard_index_fd(fd, self.shard_name(k), self.shard_size, expect)
+        finally:
+            if own:
+                os.close(fd)
+        index = index[:expect]
+        self._check_chunk_sizes(self.shard_name(k), index[:, 1].astype(np.int64))
+        return opened.indexes.setdefault(k, index)
+
     def _index(self, k: int) -> tuple[str, npt.NDArray[np.uint64]]:
         """Shard ``k``'s path and the index entries of the samples it holds (read, checked)."""
+        if self._cache is not None:
+            return shard_path(self.path, self.split, k), self._remote_index(k)
         path = shard_path(self.path, self.split, k)
         expect = min(self.shard_size, self.count - k * self.shard_size)
         size = regular_file_size(path)
@@ -459,12 +575,15 @@ class SplitReader:
         """Raise if the store's pack id is no longer the one this reader was opened on."""
         if self.pack_id is None:
             return
-        now = _pack_id_now(self.path)
+        if self._cache is not None:
+            now = remote_pack_id(self._cache.location)
+        else:
+            now = _pack_id_now(self.path)
         if now != self.pack_id:
             what = "removed" if now is None else f"replaced by another pack (pack id {now})"
             raise StoreChangedError(
-                f"{self.path} was {what} while it was being read (pack id {self.pack_id} when "
-                "opened): open it again to read the new store"
+                f"{self.url or self.path} was {what} while it was being read (pack id "
+                f"{self.pack_id} when opened): open it again to read the new store"
             )
 
     def _verified(self, k: int) -> npt.NDArray[np.bool_]:
@@ -508,7 +627,7 @@ class SplitReader:
         if sums is not None and trailer != int(sums[i]):
             self._check_same_pack()
             raise ChecksumError(
-                f"shard file {shard_path(self.path, self.split, k)} does not hold sample {i} of "
+                f"shard file {self.shard_name(k)} does not hold sample {i} of "
                 f"this store at position {j} (its checksum {trailer:#010x}, the store's "
                 f"{int(sums[i]):#010x}): a shard file was swapped, copied or replaced; re-pack "
                 "the dataset"
@@ -519,7 +638,7 @@ class SplitReader:
                 computed = crc32c(payload)
             if computed != trailer:
                 raise ChecksumError(
-                    f"shard file {shard_path(self.path, self.split, k)} is corrupt: sample {i} "
+                    f"shard file {self.shard_name(k)} is corrupt: sample {i} "
                     f"(position {j}) fails its crc32c; re-pack the dataset"
                 )
             seen[j] = True
@@ -621,24 +740,89 @@ class SplitReader:
     def will_need(self, indices: npt.NDArray[np.integer]) -> None:
         """Tell the kernel that samples ``indices`` will be read soon (reading them from disk
         starts now, in the background). Only with ``io_mode == "pread"``: mapped shards are
-        read ahead by the kernel's own fault-around."""
-        if self.io_mode == "pread":
+        read ahead by the kernel's own fault-around. For an object store: start fetching the
+        shards they are in that the cache lacks."""
+        if self._cache is not None:
+            self.prefetch(np.unique(np.asarray(indices, dtype=np.int64) // self.shard_size))
+        elif self.io_mode == "pread":
             _will_need(self._pread_plan(indices))
 
-    def _pread_plan(self, indices: npt.NDArray[np.integer]) -> list[tuple[_ShardFile, int, int]]:
+    def prefetch(self, shards: npt.ArrayLike) -> None:
+        """For an object store: start fetching ``shards`` into the cache in the background
+        (nothing for a local store)."""
+        if self._cache is None:
+            return
+        ks = [int(k) for k in np.asarray(shards, dtype=np.int64).reshape(-1)]
+        self._cache.prefetch(
+            self.split,
+            [
+                (
+                    k,
+                    self.max_shard_bytes(k),
+                    min(self.shard_size, self.count - k * self.shard_size),
+                    self.shard_size,
+                )
+                for k in ks
+                if 0 <= k < self.num_shards
+            ],
+        )
+
+    def _pread_plan(
+        self,
+        indices: npt.NDArray[np.integer],
+        files: Callable[[int], _ShardFile] | None = None,
+    ) -> list[tuple[_ShardFile, int, int]]:
         """(file, byte offset, bytes with the checksum) of each sample."""
         plan = []
+        get = self._shard_file if files is None else files
         for i in np.asarray(indices, dtype=np.int64).tolist():
             if not 0 <= i < self.count:
                 raise IndexError(f"sample {i} out of range for {self.count} samples")
             k, j = divmod(i, self.shard_size)
-            f = self._shard_file(k)
+            f = get(k)
             plan.append((f, f.offsets[j], f.sizes[j]))
         return plan
 
     def _read_pread(self, indices: npt.NDArray[np.integer], out: npt.NDArray[Any]) -> None:
+        if self._cache is None:
+            self._read_pread_from(indices, out, None)
+            return
+        # An object store's cached shards are leased one at a time, for as long as their
+        # samples of this batch take to read: between reads the cache may evict them, and a
+        # batch needs room for one shard per reading thread, not for every shard it spans.
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self.count):
+            bad = int(idx[(idx < 0) | (idx >= self.count)][0])
+            raise IndexError(f"sample {bad} out of range for {self.count} samples")
+        shards = idx // self.shard_size
+        for k in np.unique(shards).tolist():
+            rows = np.flatnonzero(shards == k)
+            fd = self.open_shard(k)
+            f: _ShardFile | None = None
+            try:
+                index = self._remote_index(k, fd)
+                f = _ShardFile(
+                    self.shard_name(k),
+                    index[:, 0].astype(np.int64).tolist(),
+                    index[:, 1].astype(np.int64).tolist(),
+                    fd,
+                )
+                self._read_pread_from(idx[rows], out, _same_file(f), rows.tolist())
+            finally:
+                if f is not None:
+                    f.fd = -1  # the lease's descriptor is closed here, not when f is dropped
+                os.close(fd)
+
+    def _read_pread_from(
+        self,
+        indices: npt.NDArray[np.integer],
+        out: npt.NDArray[Any],
+        files: Callable[[int], _ShardFile] | None,
+        rows: list[int] | None = None,
+    ) -> None:
+        """Samples ``indices`` into ``out`` (sample ``b`` into row ``b``, or ``rows[b]``)."""
         samples = np.asarray(indices, dtype=np.int64).tolist()
-        plan = self._pread_plan(indices)
+        plan = self._pread_plan(indices, files)
         # all of the batch's reads queued at once: the disk serves them in parallel, while the
         # preads below each wait for one sample in turn (measured on cold data: +40%; on cached
         # data it costs ~20%, but then io="mmap" is the better choice anyway)
@@ -649,6 +833,7 @@ class SplitReader:
         trailer = self._trailer
         tail = bytearray(4)
         for b, (f, off, n) in enumerate(plan):
+            row = b if rows is None else rows[b]
             if compressed:
                 data = _pread_bytes(f, off, n)
                 if check:
@@ -662,7 +847,7 @@ class SplitReader:
                     self.image_shape
                 )
             else:
-                dst = out[b]
+                dst = out[row]
                 direct = (
                     not convert
                     and dst.shape == self.image_shape
@@ -680,9 +865,9 @@ class SplitReader:
                 if direct:
                     continue
             if convert:
-                np.divide(src, 255, out=out[b], dtype=np.float32)
+                np.divide(src, 255, out=out[row], dtype=np.float32)
             else:
-                out[b] = src
+                out[row] = src
 
     def _stage(self) -> npt.NDArray[Any]:
         """This thread's buffer for one stored image, reused: converted samples land here first.
@@ -697,6 +882,15 @@ class SplitReader:
             stage = np.frombuffer(buf, self.stored_dtype).reshape(self.image_shape)
             local.stage = stage
         return stage
+
+
+def _same_file(f: _ShardFile) -> Callable[[int], _ShardFile]:
+    """A getter giving ``f`` for every shard: the one shard leased for a read."""
+
+    def get(_k: int) -> _ShardFile:
+        return f
+
+    return get
 
 
 def _will_need(plan: list[tuple[_ShardFile, int, int]]) -> None:

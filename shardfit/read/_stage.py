@@ -40,7 +40,6 @@ from shardfit.read._epoch import shard_order
 from shardfit.read._reader import ShardGetter, ShardView, SplitReader, _choose_io, memory_bytes
 from shardfit.read.options import IoChoice, Mode
 from shardfit.store._format import shard_path
-from shardfit.store._validate import open_regular
 
 __all__ = ["STREAMS", "ShardStager", "drops_cache", "read_path"]
 
@@ -265,8 +264,8 @@ class ShardStager:
     # -- reading (in the pool's threads) -----------------------------------------------------
 
     def _read(self, shard: int, buffer: mmap.mmap) -> ShardView:
-        path = shard_path(self._reader.path, self._reader.split, shard)
-        fd = open_regular(path)
+        path = self._reader.shard_name(shard)
+        fd = self._reader.open_shard(shard)
         try:
             size = os.fstat(fd).st_size
             if size > self._reader.max_shard_bytes(shard):
@@ -335,6 +334,8 @@ def read_path(
 def _file_size(reader: SplitReader, shard: int) -> int:
     """Bytes to hold shard ``shard``'s file: its size, if no larger than such a shard can be (a
     buffer is made for it before it is read: a damaged store must not make a huge one)."""
+    if reader.url is not None:
+        return reader.max_shard_bytes(shard)  # not fetched yet, perhaps: the largest it can be
     try:
         size = os.stat(shard_path(reader.path, reader.split, shard)).st_size
     except FileNotFoundError:

@@ -41,7 +41,7 @@ from shardfit.errors import WorkerCrashedError
 from shardfit.read._batch import BatchMaker
 from shardfit.read._shm import RingHandle, SlotRing
 
-__all__ = ["WorkerPool", "alive"]
+__all__ = ["WorkerPool", "alive", "worker_context"]
 
 log = logging.getLogger("shardfit")
 
@@ -60,6 +60,18 @@ class _Worker:
     #: requests sent and not yet answered, in the order sent (the worker answers in that order)
     waiting: deque[object] = field(default_factory=deque)
     turn: threading.Condition = field(default_factory=threading.Condition)
+
+
+def worker_context(reader: Any) -> multiprocessing.context.BaseContext | None:
+    """The start method for workers reading ``reader``: the default, except that workers of an
+    object store are not forked from this process (which has used obstore, whose runtime
+    threads a fork does not copy: a forked worker would hang on its first fetch) but from a
+    fresh fork server."""
+    if getattr(reader, "url", None) is None:
+        return None
+    if multiprocessing.get_start_method(allow_none=False) != "fork":
+        return None
+    return multiprocessing.get_context("forkserver")
 
 
 class WorkerPool:

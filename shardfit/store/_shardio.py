@@ -32,6 +32,7 @@ __all__ = [
     "crc32c_extend",
     "read_chunk_checksums",
     "read_full_shard_index",
+    "read_full_shard_index_fd",
     "read_shard_index",
     "zarr_compressors",
 ]
@@ -334,6 +335,20 @@ def read_shard_index(path: str, chunks_per_shard: int) -> npt.NDArray[np.uint64]
     finally:
         os.close(fd)
     return _parse_index(path, raw, size, chunks_per_shard)
+
+
+def read_full_shard_index_fd(
+    fd: int, name: str, chunks_per_shard: int, expect: int
+) -> npt.NDArray[np.uint64]:
+    """:func:`read_full_shard_index` of the shard file open as ``fd`` (``name`` names it in
+    errors)."""
+    nbytes = chunks_per_shard * 16
+    size = os.fstat(fd).st_size
+    _check_index_fits(name, size, nbytes)
+    raw = os.pread(fd, nbytes + 4, size - nbytes - 4)
+    index = _parse_index(name, raw, size, chunks_per_shard)
+    _check_present(name, index, expect)
+    return index
 
 
 def shard_index_of_bytes(

@@ -1,0 +1,99 @@
+"""A real S3-compatible server on loopback for tests: moto's server mode in its own process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class S3Server:
+    """``python -m moto.server`` on ``127.0.0.1:port``; objects live in its memory."""
+
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables pointing at this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("moto server exited at start") from None
+                time.sleep(0.05)
+        raise RuntimeError("moto server did not answer within 30 s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+
+    def new_bucket(self) -> str:
+        name = f"shardfit-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def objects(self, bucket: str, prefix: str) -> dict[str, bytes]:
+        """Every object under ``prefix``, by its path relative to it."""
+        c = self.client()
+        out = {}
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                body = c.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+                out[item["Key"][len(prefix) :].lstrip("/")] = body
+        return out
+
+    def upload_tree(self, local: Path, bucket: str, prefix: str) -> None:
+        """Put every file under ``local`` (the objects a restarted server is given back)."""
+        c = self.client()
+        for dirpath, _, names in os.walk(local):
+            for name in names:
+                path = Path(dirpath) / name
+                key = f"{prefix}/{path.relative_to(local).as_posix()}"
+                c.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
