@@ -142,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = args.out or fresh_out()
 
-    import shardfit
     from _s3server import S3Server
     from bench_pack import make_images
+
+    import shardfit
 
     work = Path(tempfile.mkdtemp(prefix="shardfit-bench-remote-"))
     server = S3Server()
