@@ -137,6 +137,7 @@ def timed_pack(src: Path, out: Path, **kw: Any) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=2000, help="synthetic JPEGs to pack")
+    p.add_argument("--shard-size", type=int, default=64, help="images per shard")
     p.add_argument("--pack-images", type=int, default=None, help="JPEGs for the packing rows")
     p.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     args = p.parse_args(argv)
@@ -155,11 +156,17 @@ def main(argv: list[str] | None = None) -> int:
         src = work / "src"
         make_images(src, args.images, unique=min(args.images, 200))
         local = work / "local.zarr"
-        shardfit.pack_images(src, local, image_size=(224, 224))
+        shardfit.pack_images(src, local, image_size=(224, 224), shard_size=args.shard_size)
         bucket = server.new_bucket()
         url = f"s3://{bucket}/data.zarr"
         t0 = time.perf_counter()
-        report = shardfit.pack_images(src, url, image_size=(224, 224), staging_dir=work / "staging")
+        report = shardfit.pack_images(
+            src,
+            url,
+            image_size=(224, 224),
+            shard_size=args.shard_size,
+            staging_dir=work / "staging",
+        )
         upload_s = time.perf_counter() - t0
         store_bytes = shardfit.open_split(local).data_bytes()
         shards = shardfit.open_split(local).num_shards

@@ -162,7 +162,7 @@ def test_every_sample_read_from_s3_equals_the_local_stores(
     np.testing.assert_array_equal(remote.read(order), local.read(order))
     np.testing.assert_array_equal(remote.labels(), local.labels())
     assert remote.paths() == local.paths()
-    assert remote.io_mode == "pread"
+    assert remote.io_mode == "mmap"  # an unbounded cache holds the split: mapped, as a local one
     stats = remote.cache_stats()
     assert stats is not None and stats["misses"] == remote.num_shards
 
@@ -200,6 +200,20 @@ def test_a_sequence_over_s3_serves_the_local_stores_batches(
     finally:
         remote.close()
         local.close()
+
+
+def test_a_cache_that_holds_the_split_is_read_through_mappings(
+    s3: S3Server, source: Path, local_store: Path, tmp_path: Path
+) -> None:
+    url = packed(s3, source, tmp_path)
+    small = 4 * SHARD_BYTES  # the train split has 8 shards
+    with pytest.raises(InvalidOptionError, match=rf"io='mmap' keeps .* cache_limit={small} "):
+        shardfit.open_split(url, io="mmap", cache_dir=tmp_path / "a", cache_limit=small)
+    assert shardfit.open_split(url, cache_dir=tmp_path / "a", cache_limit=small).io_mode == "pread"
+    remote = shardfit.open_split(url, io="mmap", cache_dir=tmp_path / "b")
+    local = shardfit.open_split(local_store)
+    order = np.random.default_rng(1).permutation(local.count)
+    np.testing.assert_array_equal(remote.read(order), local.read(order))
 
 
 def test_fit_in_two_worker_processes_trains_from_s3(
@@ -343,8 +357,6 @@ def test_a_missing_store_is_one_error_naming_it(s3: S3Server, tmp_path: Path) ->
 
 def test_bad_remote_options_are_refused_naming_them(s3: S3Server, tmp_path: Path) -> None:
     url = f"s3://{s3.new_bucket()}/x.zarr"
-    with pytest.raises(InvalidOptionError, match="io='mmap' does not apply to an object store"):
-        shardfit.open_split(url, io="mmap", cache_dir=tmp_path)
     with pytest.raises(InvalidOptionError, match=r"cache_limit must be a positive int .* 0"):
         shardfit.open_split(url, cache_limit=0, cache_dir=tmp_path)
     with pytest.raises(InvalidOptionError, match=r"storage_options for .* are not usable"):

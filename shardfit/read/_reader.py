@@ -119,6 +119,8 @@ class _Open:
     #: remote stores: each shard's checked index (a pack's shards never change, wherever
     #: the cache fetched them from)
     indexes: dict[int, npt.NDArray[np.uint64]] = field(default_factory=dict)
+    #: remote stores: descriptors leasing the cached files this process maps
+    leases: list[int] = field(default_factory=list)
     map_lock: threading.Lock = field(default_factory=threading.Lock)
     codec: Any = None
     local: threading.local = field(default_factory=threading.local)
@@ -212,11 +214,6 @@ class SplitReader:
         self.url: str | None = None
         self._cache: ShardCache | None = None
         if is_remote(path):
-            if io == "mmap":
-                raise InvalidOptionError(
-                    "io='mmap' does not apply to an object store, whose shards come and go in "
-                    "a local cache: use io='auto' or 'pread'. Received: io='mmap'"
-                )
             if cache_limit is not None and (
                 not isinstance(cache_limit, int) or isinstance(cache_limit, bool) or cache_limit < 1
             ):
@@ -228,7 +225,6 @@ class SplitReader:
             self._cache = ShardCache(location, folder, cache_limit)
             self.url = location.url
             path = self._cache.mirror()
-            io = "pread"
         elif storage_options is not None or cache_limit is not None:
             raise InvalidOptionError(
                 "storage_options and cache_limit apply to an object store URL (s3://, gs://, "
@@ -266,6 +262,17 @@ class SplitReader:
         self._trailer = CHECKSUM_BYTES if s.checksummed else 0
         #: bytes from one uncompressed sample to the next in a shard file
         self._stride = self._chunk_bytes + self._trailer
+        if self._cache is not None and self._cache.limit is not None:
+            # a mapped shard stays leased (it cannot be evicted) until the process ends: only
+            # a cache that holds the whole split can map it
+            if io == "mmap" and self._cache.limit < self.data_bytes():
+                raise InvalidOptionError(
+                    f"io='mmap' keeps every shard of {self.url} it maps in the cache, which "
+                    f"cache_limit={self._cache.limit} cannot hold ({self.data_bytes()} bytes): "
+                    "use io='auto' or 'pread', or raise cache_limit. Received: io='mmap'"
+                )
+            if io == "auto" and self._cache.limit < self.data_bytes():
+                io = "pread"
         self.io_mode: Literal["mmap", "pread"] = (
             _choose_io(self.data_bytes(), memory_bytes()) if io == "auto" else io
         )
@@ -328,7 +335,7 @@ class SplitReader:
         if got is not None:
             return got
         path, index = self._index(k)
-        fd = open_regular(path)
+        fd = open_regular(path) if self._cache is None else self.open_shard(k)
         try:
             mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         except BaseException:
@@ -341,7 +348,10 @@ class SplitReader:
             mm.madvise(_MADV_POPULATE_READ)
         dense = self._dense(path, mm, index)
         st = os.fstat(fd)
-        os.close(fd)
+        if self._cache is None:
+            os.close(fd)
+        else:  # the lease: the cached file is not evicted while this process maps it
+            opened.leases.append(fd)
         with opened.map_lock:
             first = opened.shards.get(k)
             if first is None:  # else another thread mapped it meanwhile: use the first only
