@@ -287,3 +287,19 @@ def test_no_tf_config_is_one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_bad_tf_config_names_what_is_wrong(config: str, match: str) -> None:
     with pytest.raises(InvalidOptionError, match=match):
         shardfit.cluster_shard(config)
+
+
+def test_a_workers_share_from_the_strategys_input_context() -> None:
+    tf = pytest.importorskip("tensorflow")
+    for pipelines in (1, 2, 4):
+        shares = [
+            shardfit.cluster_shard(
+                input_context=tf.distribute.InputContext(
+                    num_input_pipelines=pipelines, input_pipeline_id=i
+                )
+            )
+            for i in range(pipelines)
+        ]
+        assert shares == [{"num_shards": pipelines, "shard_index": i} for i in range(pipelines)]
+    with pytest.raises(InvalidOptionError, match=r"input_context must be a tf\.distribute"):
+        shardfit.cluster_shard(input_context=object())
