@@ -316,6 +316,8 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
             return self._build(req)
         if stager is not None:
             stager.advance(req.epoch, req.index)  # reads ahead from this batch's window on
+        elif self._reader.url is not None:
+            self._fetch_ahead()
         prefetch = self._prefetcher()
         if prefetch is None and self.io != "pread":
             return self._build(req)  # no threads, and nothing to hint: the kernel or the
@@ -360,6 +362,19 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
                     )
                 stager = self._stage
         return stager
+
+    def _fetch_ahead(self) -> None:
+        """An object store read without the stager: start fetching, in plan order, the shards
+        of the batches that come next, two shuffle windows' worth (the stager, where it runs,
+        fetches its own shards ahead as it reads them)."""
+        o = self.options
+        size = self._reader.shard_size
+        ahead = max(o.max_queue_size, -(-2 * o.shuffle_window * size // o.batch_size))
+        shards: dict[int, None] = {}
+        for req in self._cursor.upcoming(ahead):
+            shards.update(dict.fromkeys((req.samples // size).tolist()))
+        if shards:
+            self._reader.prefetch(list(shards))
 
     def _hint(self, upcoming: list[Request]) -> None:
         """Ask the kernel to start reading the batches that will be asked for next, each once

@@ -10,6 +10,15 @@ pass (``key``, ``secret``, ``token``, ``endpoint_url``, ``anon``, ``client_kwarg
 
 Every network failure ends, after obstore's retries and ours, in a
 :class:`~shardfit.RemoteStoreError` naming the object.
+
+Why obstore rather than s3fs (fsspec), measured against a moto server on loopback, 16 objects
+of 48 MiB, medians of 3 runs: whole-object downloads streamed to a file 642 MB/s one at a time
+and 1,046 MB/s four at a time, against s3fs's 590 and 663 (a plain ``urllib`` GET: 258 and
+451); 1 KiB GETs 2.5 ms at the median against 6.9-9.3 ms; and it releases the GIL while it
+waits, where s3fs runs an asyncio loop in a thread of this process. Uploads of a file go in
+parts (``put`` of a file object): 112-127 MB/s against s3fs's 148-182 on moto, whose server
+assembles parts slowly; kept, since real object stores take parts in parallel. Its limit: its
+runtime does not survive ``fork`` (see ``shardfit.read._workers.worker_context``).
 """
 
 from __future__ import annotations
