@@ -106,3 +106,15 @@ def test_loader_benchmark_constrained_regime_reports_oom_or_why_not(tmp_path: Pa
     else:
         (row,) = doc["rows"]
         assert row["errors"] and row["errors"][0].startswith("OOM at ")
+
+
+def test_remote_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    doc = run_benchmark(
+        "bench_remote.py", tmp_path, "--images", "48", "--shard-size", "8", "--pack-images", "12"
+    )
+    assert set(doc["read"]) == {"local", "s3, cache holds the store", "s3, cache of half the store"}
+    full = doc["read"]["s3, cache holds the store"]
+    assert full[0]["fetched"] == doc["store_bytes"] and full[1]["fetched"] == 0
+    half = doc["read"]["s3, cache of half the store"]
+    assert all(0 < row["cache_peak"] <= doc["store_bytes"] // 2 for row in half)
+    assert all(row["same"] for row in doc["pack"])

@@ -45,6 +45,7 @@ def test_a_local_cluster_pack_equals_the_local_pack(
     assert [p for p, _ in report.skipped] == ["b/broken.png"]
 
 
+@pytest.mark.slow  # a cluster of its own, and a pack run twice
 def test_a_worker_killed_mid_pack_changes_nothing(tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_folder(src, {"a": 300, "b": 260})
@@ -80,6 +81,7 @@ def test_a_worker_killed_mid_pack_changes_nothing(tmp_path: Path) -> None:
     assert tree_bytes(out) == tree_bytes(ref)
 
 
+@pytest.mark.slow  # a cluster of its own, and a pack run twice
 def test_a_client_killed_mid_pack_resumes_to_the_same_store(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
