@@ -123,23 +123,33 @@ def test_a_client_killed_mid_pack_resumes_to_the_same_store(
 def test_a_bad_dask_argument_is_one_line(source: Path, tmp_path: Path) -> None:
     with pytest.raises(InvalidOptionError, match=r"dask='local:N' needs N.*'local:x'"):
         shardfit.pack_images(source, tmp_path / "x.zarr", dask="local:x", **OPTIONS)  # type: ignore[arg-type]
-    done = subprocess.run(
+    done = _cli(source, tmp_path / "y.zarr", "--dask", "local:0")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "needs N, the worker processes" in done.stderr
+
+
+@pytest.mark.slow  # the client waits for the scheduler before it gives up
+def test_an_unreachable_scheduler_is_one_line(source: Path, tmp_path: Path) -> None:
+    done = _cli(source, tmp_path / "y.zarr", "--dask", "tcp://127.0.0.1:1")
+    assert done.returncode == 2
+    assert (
+        done.stderr.count("\n") == 1 and "no scheduler answers at tcp://127.0.0.1:1" in done.stderr
+    )
+
+
+def _cli(src: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [
             sys.executable,
             str(REPO / "tools" / "pack_images.py"),
-            str(source),
-            str(tmp_path / "y.zarr"),
+            str(src),
+            str(out),
             "--image-size",
             "8",
             "8",
-            "--dask",
-            "tcp://127.0.0.1:1",
+            *args,
         ],
         capture_output=True,
         text=True,
         timeout=120,
-    )
-    assert done.returncode == 2
-    assert (
-        done.stderr.count("\n") == 1 and "no scheduler answers at tcp://127.0.0.1:1" in done.stderr
     )

@@ -29,6 +29,8 @@ log = logging.getLogger("shardfit")
 
 #: Files per task.
 BLOCK = 16
+#: Seconds to wait for a scheduler to answer.
+_CONNECT_S = 10
 
 
 def _decode_block(
@@ -72,7 +74,7 @@ def connect(dask: Any) -> tuple[Any, Any]:
         )
         return Client(cluster), cluster  # type: ignore[no-untyped-call]
     try:
-        return Client(dask, timeout=30), None  # type: ignore[no-untyped-call]
+        return Client(dask, timeout=_CONNECT_S), None  # type: ignore[no-untyped-call]
     except OSError as err:
         raise InvalidOptionError(
             f"dask: no scheduler answers at {dask} ({err}): start one (dask scheduler) or check "

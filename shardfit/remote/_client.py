@@ -11,14 +11,14 @@ pass (``key``, ``secret``, ``token``, ``endpoint_url``, ``anon``, ``client_kwarg
 Every network failure ends, after obstore's retries and ours, in a
 :class:`~shardfit.RemoteStoreError` naming the object.
 
-Why obstore rather than s3fs (fsspec), measured against a moto server on loopback, 16 objects
-of 48 MiB, medians of 3 runs: whole-object downloads streamed to a file 642 MB/s one at a time
-and 1,046 MB/s four at a time, against s3fs's 590 and 663 (a plain ``urllib`` GET: 258 and
-451); 1 KiB GETs 2.5 ms at the median against 6.9-9.3 ms; and it releases the GIL while it
-waits, where s3fs runs an asyncio loop in a thread of this process. Uploads of a file go in
-parts (``put`` of a file object): 112-127 MB/s against s3fs's 148-182 on moto, whose server
-assembles parts slowly; kept, since real object stores take parts in parallel. Its limit: its
-runtime does not survive ``fork`` (see ``shardfit.read._workers.worker_context``).
+Why obstore rather than s3fs (fsspec), measured against a moto server on loopback (16 objects
+of 48 MiB, 200 of 1 KiB, medians of 4 runs): whole-object downloads streamed to a file 638 MB/s
+one at a time and 1,024 MB/s four at a time, against s3fs ``get_file``'s 661 and 720, with
+less CPU; 1 KiB GETs 2.2 ms at the median against 7.4 ms, at a tenth of the CPU; uploads four at
+a time in one request each 248 MB/s against 187; a server killed mid-download is an error
+after ~2 s against ~10 s. It releases the GIL while it waits, where s3fs runs an asyncio loop in
+a thread of this process. Its limit: its runtime does not survive ``fork`` (see
+``shardfit.read._workers.worker_context``).
 """
 
 from __future__ import annotations
@@ -45,8 +45,12 @@ REMOTE_SCHEMES: tuple[str, ...] = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfs
 #: connections); these cover a body cut short mid-stream, which it does not retry.
 ATTEMPTS = 4
 _FIRST_WAIT_S = 0.5
-#: Bytes per piece of a download written to its file (bounds a download's memory).
-_PIECE = 8 << 20
+#: Bytes per piece of a download written to its file (bounds a download's memory): 8 MiB pieces
+#: cost about 3 times the CPU of 1 MiB ones (measured, 48 MiB objects).
+_PIECE = 1 << 20
+#: Files up to this size are uploaded in one request: in parts, moto took twice the server CPU
+#: and obstore's upload ran at half the speed (129 against 248 MB/s, four at a time).
+_ONE_PUT_BYTES = 512 << 20
 
 # s3fs/fsspec option names (as xarray and zarr users pass them) -> obstore's
 _FSSPEC_KEYS = {
@@ -91,6 +95,10 @@ def _obstore_options(
     endpoint = str(config.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL") or "")
     if endpoint.startswith("http://"):
         client.setdefault("allow_http", True)  # a plain-HTTP endpoint: a local or test server
+    # obstore's default bounds a whole request, body included, to 30 s: a shard of 128 MiB
+    # needs more on a link under 35 Mbit/s
+    client.setdefault("timeout", "600s")
+    client.setdefault("connect_timeout", "10s")
     if urlsplit(url).scheme.lower() in ("s3", "s3a"):
         # obstore reads AWS_DEFAULT_REGION only as AWS_REGION's fallback where the SDK does;
         # say it here so that both spellings work as with boto3
@@ -251,8 +259,9 @@ class Location:
         import obstore
 
         def send() -> None:
+            whole = os.path.getsize(local) <= _ONE_PUT_BYTES
             with open(local, "rb") as f:
-                obstore.put(self.client(), rel, f)
+                obstore.put(self.client(), rel, f, use_multipart=not whole)
 
         self._retrying(rel, send)
 

@@ -14,8 +14,9 @@ __all__ = ["UPLOAD_THREADS", "check_remote_free", "upload_store"]
 
 log = logging.getLogger("shardfit")
 
-#: Uploads in flight at once (obstore sends each large file in parts itself).
-UPLOAD_THREADS = 8
+#: Uploads in flight at once: each holds a shard file's bytes (up to 512 MiB are sent in one
+#: request); four at a time reached moto's limit on loopback.
+UPLOAD_THREADS = 4
 
 
 def check_remote_free(location: Location, overwrite: bool) -> None:
