@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -97,3 +98,64 @@ class S3Server:
                 path = Path(dirpath) / name
                 key = f"{prefix}/{path.relative_to(local).as_posix()}"
                 c.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+
+
+class CuttingProxy:
+    """A TCP proxy on loopback in front of ``upstream`` that, once armed, closes the first
+    connection whose responses pass ``after`` bytes: a download cut short mid-body."""
+
+    def __init__(self, upstream_port: int, after: int) -> None:
+        import threading
+
+        self.after = after
+        self.armed = True
+        self.cuts = 0
+        self._upstream = upstream_port
+        self._lock = threading.Lock()
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port = int(self._sock.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._upstream))
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, responses: bool) -> None:
+        sent = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+                sent += len(data)
+                if responses and sent > self.after:
+                    with self._lock:
+                        cut = self.armed
+                        self.armed = False
+                    if cut:
+                        self.cuts += 1
+                        break
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self._sock.close()

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _s3server import S3Server
+from _s3server import CuttingProxy, S3Server
 from conftest import decode_index, make_folder
 
 import shardfit
@@ -434,3 +434,23 @@ def test_a_server_stopped_mid_epoch_stops_fit_naming_the_object_and_a_restarted_
     history = model.fit(seq, epochs=2, verbose=0)
     assert len(history.history["loss"]) == 2
     seq.close()
+
+
+def test_a_download_cut_mid_body_is_fetched_again_and_read_exactly(
+    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "big"
+    make_folder(src, {"a": 40, "b": 40}, size=(32, 32))
+    local = tmp_path / "local.zarr"
+    shardfit.pack_images(src, local, image_size=(32, 32), shard_size=40)  # ~480 KB shards
+    url = f"s3://{s3.new_bucket()}/big.zarr"
+    shardfit.pack_images(src, url, image_size=(32, 32), shard_size=40, staging_dir=tmp_path / "s")
+    proxy = CuttingProxy(s3.port, after=300_000)  # past the metadata: inside a shard's body
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    try:
+        remote = shardfit.open_split(url, cache_dir=tmp_path / "cache", io="pread")
+        order = np.arange(remote.count)
+        np.testing.assert_array_equal(remote.read(order), shardfit.open_split(local).read(order))
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1

@@ -317,7 +317,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         if stager is not None:
             stager.advance(req.epoch, req.index)  # reads ahead from this batch's window on
         elif self._reader.url is not None:
-            self._fetch_ahead()
+            self._fetch_ahead(req.index)
         prefetch = self._prefetcher()
         if prefetch is None and self.io != "pread":
             return self._build(req)  # no threads, and nothing to hint: the kernel or the
@@ -363,13 +363,18 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
                 stager = self._stage
         return stager
 
-    def _fetch_ahead(self) -> None:
+    def _fetch_ahead(self, index: int) -> None:
         """An object store read without the stager: start fetching, in plan order, the shards
         of the batches that come next, two shuffle windows' worth (the stager, where it runs,
-        fetches its own shards ahead as it reads them)."""
+        fetches its own shards ahead as it reads them). Asked every ``ahead // 4`` batches
+        only: listing the next batches' samples for every batch is wasted work once the
+        shards are cached (a warm mapped epoch from the cache went from 0.83-0.87 of the local
+        store's speed to 0.87-0.90, one run each)."""
         o = self.options
         size = self._reader.shard_size
         ahead = max(o.max_queue_size, -(-2 * o.shuffle_window * size // o.batch_size))
+        if index % max(1, ahead // 4):
+            return
         shards: dict[int, None] = {}
         for req in self._cursor.upcoming(ahead):
             shards.update(dict.fromkeys((req.samples // size).tolist()))

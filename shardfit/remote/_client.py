@@ -151,7 +151,10 @@ class Location:
 
     def client(self) -> Any:
         """This process's obstore store for the location (made once per process)."""
-        key = (os.getpid(), self.url, repr(self.storage_options))
+        # the environment is part of the key: a client reads its endpoint and credentials
+        # from it when made
+        env = repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+        key = (os.getpid(), self.url, repr(self.storage_options) + env)
         got = _CLIENTS.get(key)
         if got is not None:
             return got
