@@ -27,8 +27,6 @@ Usage: ``python benchmarks/bench_remote.py [--images 2000] [--out DIR]``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import os
 import shutil
 import sys
@@ -58,25 +56,9 @@ def tree_bytes(path: Path) -> dict[str, bytes]:
     return out
 
 
-def cached_bytes(cache: Path) -> int:
-    lock = cache / ".lock"
-    if not lock.exists():
-        return 0
-    fd = os.open(lock, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        total = 0
-        for dirpath, _, names in os.walk(cache):
-            if f"{os.sep}images{os.sep}c{os.sep}" in dirpath + os.sep:
-                for n in names:
-                    with contextlib.suppress(FileNotFoundError):  # renamed into place
-                        total += os.path.getsize(os.path.join(dirpath, n))
-        return total
-    finally:
-        os.close(fd)
-
-
 def read_epochs(path: str, cache: Path | None, limit: int | None) -> list[dict[str, Any]]:
+    from _s3server import cached_shard_bytes
+
     import shardfit
 
     kw: dict[str, Any] = {}
@@ -89,7 +71,7 @@ def read_epochs(path: str, cache: Path | None, limit: int | None) -> list[dict[s
 
     def watch() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], cached_bytes(cache)) if cache is not None else 0
+            peak[0] = max(peak[0], cached_shard_bytes(cache)) if cache is not None else 0
             time.sleep(0.01)
 
     watcher = threading.Thread(target=watch, daemon=True)

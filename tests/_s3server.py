@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import subprocess
@@ -159,3 +160,23 @@ class CuttingProxy:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def cached_shard_bytes(cache: Path) -> int:
+    """Bytes of shard files and downloads under ``cache``, counted under the cache's lock (as
+    its own accounting is: a walk without it can see a shard deleted in one folder and its
+    replacement made in another, and count both)."""
+    if not (cache / ".lock").exists():
+        return 0
+    fd = os.open(cache / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        total = 0
+        for dirpath, _, names in os.walk(cache):
+            if f"{os.sep}images{os.sep}c{os.sep}" in dirpath + os.sep:
+                for n in names:
+                    with contextlib.suppress(FileNotFoundError):  # renamed into place
+                        total += os.path.getsize(os.path.join(dirpath, n))
+        return total
+    finally:
+        os.close(fd)

@@ -90,20 +90,7 @@ def test_a_client_killed_mid_pack_resumes_to_the_same_store(
     ref = tmp_path / "ref.zarr"
     shardfit.pack_images(src, ref, image_size=(8, 8), shard_size=4)
     out = tmp_path / "d.zarr"
-    cmd = [
-        sys.executable,
-        str(REPO / "tools" / "pack_images.py"),
-        str(src),
-        str(out),
-        "--image-size",
-        "8",
-        "8",
-        "--shard-size",
-        "4",
-        "--dask",
-        "local:2",
-        "--quiet",
-    ]
+    cmd = _cli_args(src, out, "--shard-size", "4", "--dask", "local:2", "--quiet")
     proc = subprocess.Popen(cmd, start_new_session=True)
     records = Path(str(out) + ".partial") / ".shardfit-pack"
     deadline = time.monotonic() + 120
@@ -137,19 +124,10 @@ def test_an_unreachable_scheduler_is_one_line(source: Path, tmp_path: Path) -> N
     )
 
 
+def _cli_args(src: Path, out: Path, *args: str) -> list[str]:
+    script = str(REPO / "tools" / "pack_images.py")
+    return [sys.executable, script, str(src), str(out), "--image-size", "8", "8", *args]
+
+
 def _cli(src: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "pack_images.py"),
-            str(src),
-            str(out),
-            "--image-size",
-            "8",
-            "8",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return subprocess.run(_cli_args(src, out, *args), capture_output=True, text=True, timeout=120)

@@ -4,8 +4,6 @@ in worker processes, through a server that stops and comes back."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import multiprocessing as mp
 import os
 import re
@@ -18,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _s3server import CuttingProxy, S3Server
+from _s3server import CuttingProxy, S3Server, cached_shard_bytes
 from conftest import decode_index, make_folder
 
 import shardfit
@@ -85,26 +83,6 @@ def packed(s3: S3Server, source: Path, tmp_path: Path) -> str:
         staging_dir=tmp_path / "staging",
     )
     return url
-
-
-def cached_shard_bytes(cache: Path) -> int:
-    """Bytes of shard files and downloads under ``cache``, counted under the cache's lock (as
-    its own accounting is: a walk without it can see a shard deleted in one folder and its
-    replacement made in another, and count both)."""
-    if not (cache / ".lock").exists():
-        return 0
-    fd = os.open(cache / ".lock", os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        total = 0
-        for dirpath, _, names in os.walk(cache):
-            if f"{os.sep}images{os.sep}c{os.sep}" in dirpath + os.sep:
-                for n in names:
-                    with contextlib.suppress(FileNotFoundError):  # renamed into place
-                        total += os.path.getsize(os.path.join(dirpath, n))
-        return total
-    finally:
-        os.close(fd)
 
 
 # -- packing -------------------------------------------------------------------------------------
