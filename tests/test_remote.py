@@ -432,3 +432,27 @@ def test_a_download_cut_mid_body_is_fetched_again_and_read_exactly(
     finally:
         proxy.close()
     assert proxy.cuts == 1
+
+
+@pytest.mark.slow  # a Dask cluster of its own
+def test_a_dask_pack_to_s3_holds_the_local_packs_bytes(
+    s3: S3Server, source: Path, local_store: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("distributed")
+    url = f"s3://{s3.new_bucket()}/sets/data.zarr"
+    shardfit.pack_images(
+        source,
+        url,
+        image_size=(8, 8),
+        shard_size=SHARD,
+        val_fraction=0.2,
+        staging_dir=tmp_path / "staging",
+        dask="local:2",
+    )
+    objects = s3.objects(url.split("/")[2], "sets/data.zarr")
+    local = {
+        p.relative_to(local_store).as_posix(): p.read_bytes()
+        for p in local_store.rglob("*")
+        if p.is_file()
+    }
+    assert objects == local
