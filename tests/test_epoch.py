@@ -40,3 +40,15 @@ def test_batch_count_keeps_or_drops_the_last_batch() -> None:
     assert batch_count(10, 4, drop_remainder=False) == 3
     assert batch_count(10, 4, drop_remainder=True) == 2
     assert batch_count(8, 4, drop_remainder=False) == 2
+
+
+def test_next_use_is_each_shards_first_sample_ahead_in_this_epoch_then_the_next() -> None:
+    from shardfit.read._epoch import next_use
+
+    # 3 shards of 2 samples: this epoch reads shards 2, 0, 1, 2; the next 1, 0, 2
+    this = np.array([4, 0, 2, 5, 1, 3], np.int64)  # shards 2 0 1 2 0 1
+    after = np.array([2, 3, 0, 1, 4, 5], np.int64)  # shards 1 1 0 0 2 2
+    np.testing.assert_array_equal(next_use(this, after, 0, 2, 3), [1, 2, 0])
+    np.testing.assert_array_equal(next_use(this, after, 4, 2, 3), [0, 1, 2 + 4])
+    np.testing.assert_array_equal(next_use(this, after, 6, 2, 3), [2, 0, 4])
+    assert next_use(this, after, 0, 2, 4)[3] == np.inf  # a shard in neither plan

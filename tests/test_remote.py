@@ -456,3 +456,19 @@ def test_a_dask_pack_to_s3_holds_the_local_packs_bytes(
         if p.is_file()
     }
     assert objects == local
+
+
+def test_a_cache_keyed_by_the_plan_evicts_the_shard_read_furthest_ahead(
+    s3: S3Server, source: Path, tmp_path: Path
+) -> None:
+    url = packed(s3, source, tmp_path)
+    cache = tmp_path / "cache"
+    reader = shardfit.open_split(url, cache_dir=cache, cache_limit=3 * SHARD_BYTES, io="pread")
+    reader.read(np.arange(3 * SHARD))  # shards 0, 1, 2 cached: the cache is full
+    # the plan reads shard 0 next, then 1, then 2: shard 2 goes to make room for shard 3,
+    # though shard 0 is the least recently used (LRU would delete it)
+    reader.key_cache(np.array([1.0, 10.0, 30.0] + [np.inf] * (reader.num_shards - 3)))
+    reader.read(np.arange(3 * SHARD))  # hits, 0 first: keyed files keep their keys
+    reader.read([3 * SHARD])
+    cached = sorted(int(p.parts[-4]) for p in cache.rglob("images/c/*/0/0/0"))
+    assert cached == [0, 1, 3]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["batch_count", "batch_slice", "epoch_order", "shard_order"]
+__all__ = ["batch_count", "batch_slice", "epoch_order", "next_use", "shard_order"]
 
 #: Stream ids, so that no two uses of one seed draw the same numbers.
 _SHARD_STREAM = 0x5348_0001
@@ -94,3 +94,23 @@ def batch_slice(
     return slice(
         start + shard_index * size // num_shards, start + (shard_index + 1) * size // num_shards
     )
+
+
+def next_use(
+    this_epoch: npt.NDArray[np.int64],
+    next_epoch: npt.NDArray[np.int64],
+    position: int,
+    shard_size: int,
+    num_shards: int,
+) -> npt.NDArray[np.float64]:
+    """How far ahead, in samples of the plan, each shard is next read: its first sample at or
+    after ``position`` of ``this_epoch``'s order, else in ``next_epoch``'s (counted on from the
+    end of this one); ``inf`` for a shard in neither. What a cache that knows the plan evicts
+    by: the shard read furthest ahead goes first (Belady's rule)."""
+    out = np.full(num_shards, np.inf)
+    rest = this_epoch[position:] // shard_size
+    after = next_epoch // shard_size
+    for shards, offset in ((after, rest.size), (rest, 0)):  # this epoch's last, to win
+        ks, first = np.unique(shards, return_index=True)
+        out[ks] = first + offset
+    return out

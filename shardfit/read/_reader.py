@@ -476,6 +476,12 @@ class SplitReader:
         expect = min(self.shard_size, self.count - k * self.shard_size)
         return self._cache.lease(self.split, k, self.max_shard_bytes(k), expect, self.shard_size)
 
+    def key_cache(self, distance: npt.NDArray[np.float64]) -> None:
+        """For an object store: tell the cache how far ahead (samples) the plan next reads
+        each shard, so that it evicts the one read furthest ahead first."""
+        if self._cache is not None:
+            self._cache.key_by_plan(self.split, distance)
+
     def close(self) -> None:
         """Stop an object store's background fetches (nothing to do for a local store)."""
         if self._cache is not None:

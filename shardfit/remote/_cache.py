@@ -18,7 +18,11 @@ nothing to clean up after a crash):
   always whole;
 - ``cache_limit`` bounds the bytes of shard files (and downloads in flight) under
   ``cache_dir``: room is made under an exclusive ``flock`` of ``cache_dir/.lock`` by deleting
-  the least recently used shards (a hit touches the file's mtime);
+  the shards with the oldest mtime first. A hit sets it to now (least recently used goes
+  first), unless the process that owns the epoch plan has keyed the file: it sets each cached
+  shard's mtime to :data:`PLANNED` minus how far ahead the plan next reads it (samples), so
+  the shard read furthest ahead goes first (Belady's rule: with a new shard order every epoch,
+  LRU keeps the shards just read, which the next epoch wants no sooner than any other);
 - a reader holds a shared ``flock`` on each shard file while it reads from it (a lease); a
   shard under a lease is never deleted. If nothing can be deleted, the fetch waits for a lease
   to end, and after :data:`WAIT_S` seconds raises :class:`~shardfit.CacheFullError`.
@@ -52,6 +56,12 @@ __all__ = ["WAIT_S", "CacheStats", "ShardCache", "default_cache_dir", "remote_pa
 
 log = logging.getLogger("shardfit")
 
+#: mtime of a shard file the epoch plan reads next (in 2096): keyed files hold this minus
+#: their distance ahead in samples (at most 1e8), above any real "now" (below 3.8e9, 2090),
+#: so hits leave them as they are.
+PLANNED = 4_000_000_000.0
+#: Seconds after its fetch that an unkeyed shard is evicted only after every other one.
+FRESH_S = 30.0
 #: Seconds a fetch waits for room (every cached shard leased) before giving up.
 WAIT_S = 60.0
 _POLL_S = 0.05
@@ -237,6 +247,14 @@ class ShardCache:
                 future.add_done_callback(lambda f: f.exception())  # not re-raised here
                 self._inflight[key] = future
 
+    def key_by_plan(self, split: str, distance: Any) -> None:
+        """Key the cached shards of ``split`` for eviction by ``distance[k]``, how far ahead
+        (samples) the plan next reads shard ``k``: the furthest is evicted first."""
+        for k, d in enumerate(distance.tolist()):
+            path = shard_path(self.root, split, k)
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(path, (time.time(), PLANNED - min(float(d), 1e8)))
+
     def close(self) -> None:
         """Stop background fetches (one in progress finishes)."""
         with self._lock:
@@ -315,13 +333,16 @@ class ShardCache:
         limit; called holding the cache's lock. ``False`` if they cannot be made to fit now."""
         assert self.limit is not None
         used = 0
-        shards: list[tuple[float, int, str]] = []
+        shards: list[tuple[bool, float, int, str]] = []
+        fresh = time.time() - FRESH_S
         for path, st in _cached_files(self.cache_dir):
             used += st.st_size
             if ".tmp-" not in os.path.basename(path):
-                shards.append((st.st_mtime, st.st_size, path))
+                # fetched moments ago and not yet keyed by a plan: about to be read, last to go
+                just_fetched = fresh < st.st_mtime < PLANNED - 2e8
+                shards.append((just_fetched, st.st_mtime, st.st_size, path))
         shards.sort()
-        for _, size, path in shards:
+        for _, _, size, path in shards:
             if used + nbytes <= self.limit:
                 break
             if _evict(path):
@@ -388,9 +409,10 @@ def _evict(path: str) -> bool:
 
 
 def _touch(path: str) -> bool:
-    """Mark ``path`` as just used; ``False`` if it is not there."""
+    """Mark ``path`` as just used, unless the plan keyed it; ``False`` if it is not there."""
     try:
-        os.utime(path)
+        if os.stat(path).st_mtime < PLANNED - 2e8:  # not keyed by a plan
+            os.utime(path)
     except FileNotFoundError:
         return False
     return True
