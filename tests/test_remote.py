@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -472,3 +473,40 @@ def test_a_cache_keyed_by_the_plan_evicts_the_shard_read_furthest_ahead(
     reader.read([3 * SHARD])
     cached = sorted(int(p.parts[-4]) for p in cache.rglob("images/c/*/0/0/0"))
     assert cached == [0, 1, 3]
+
+
+def test_a_publish_cut_short_resumes_sending_only_what_is_missing(
+    s3: S3Server, source: Path, local_store: Path, tmp_path: Path
+) -> None:
+    from shardfit.pack._remote import staging_path
+    from shardfit.remote._client import Location
+
+    url = packed(s3, source, tmp_path)
+    bucket, prefix = url.split("/")[2], "sets/data.zarr"
+    c = s3.client()
+    # as an upload killed part way leaves it: its marker, no root, one shard not sent yet
+    pack_id = shardfit.read_info(local_store).pack_id
+    c.put_object(Bucket=bucket, Key=f"{prefix}/.shardfit-upload-{pack_id}", Body=b"")
+    c.delete_object(Bucket=bucket, Key=f"{prefix}/zarr.json")
+    c.delete_object(Bucket=bucket, Key=f"{prefix}/train/images/c/2/0/0/0")
+    with pytest.raises(RemoteStoreError, match="zarr.json does not exist"):
+        shardfit.open_split(url, cache_dir=tmp_path / "c0")
+    staged = Path(staging_path(Location.of(url), tmp_path / "staging"))
+    shutil.copytree(local_store, staged)  # the staged pack the killed run had finished
+    report = shardfit.pack_images(
+        source,
+        url,
+        image_size=(8, 8),
+        shard_size=SHARD,
+        val_fraction=0.2,
+        staging_dir=tmp_path / "staging",
+        resume=True,
+    )
+    shard = (local_store / "train/images/c/2/0/0/0").stat().st_size
+    root = (local_store / "zarr.json").stat().st_size
+    assert report.bytes_uploaded == shard + root
+    assert s3.objects(bucket, prefix) == {
+        p.relative_to(local_store).as_posix(): p.read_bytes()
+        for p in local_store.rglob("*")
+        if p.is_file()
+    }
