@@ -489,7 +489,7 @@ def test_a_publish_cut_short_resumes_sending_only_what_is_missing(
     c.put_object(Bucket=bucket, Key=f"{prefix}/.shardfit-upload-{pack_id}", Body=b"")
     c.delete_object(Bucket=bucket, Key=f"{prefix}/zarr.json")
     c.delete_object(Bucket=bucket, Key=f"{prefix}/train/images/c/2/0/0/0")
-    with pytest.raises(RemoteStoreError, match="zarr.json does not exist"):
+    with pytest.raises(RemoteStoreError, match=r"zarr\.json does not exist"):
         shardfit.open_split(url, cache_dir=tmp_path / "c0")
     staged = Path(staging_path(Location.of(url), tmp_path / "staging"))
     shutil.copytree(local_store, staged)  # the staged pack the killed run had finished
