@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from _s3server import CuttingProxy, S3Server, cached_shard_bytes
-from conftest import decode_index, make_folder
+from conftest import decode_index, make_folder, tree_bytes
 
 import shardfit
 from shardfit import (
@@ -72,18 +72,25 @@ def local_store(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def packed(s3: S3Server, source: Path, tmp_path: Path) -> str:
-    """``source`` packed to a new bucket as the local store is; its URL."""
+def packed(s3: S3Server, source: Path, tmp_path: Path, **how: Any) -> str:
+    """``source`` packed to a new bucket as the local store is (``how``: more arguments of
+    ``pack_images``); its URL."""
     url = f"s3://{s3.new_bucket()}/sets/data.zarr"
-    shardfit.pack_images(
+    pack_to(url, source, tmp_path, **how)
+    return url
+
+
+def pack_to(url: str, source: Path, tmp_path: Path, **how: Any) -> shardfit.PackReport:
+    """``source`` packed to ``url`` as the local store is."""
+    return shardfit.pack_images(
         source,
         url,
         image_size=(8, 8),
         shard_size=SHARD,
         val_fraction=0.2,
         staging_dir=tmp_path / "staging",
+        **how,
     )
-    return url
 
 
 # -- packing -------------------------------------------------------------------------------------
@@ -95,11 +102,7 @@ def test_a_store_packed_to_s3_holds_the_local_packs_bytes(
     url = packed(s3, source, tmp_path)
     bucket = url.split("/")[2]
     objects = s3.objects(bucket, "sets/data.zarr")
-    local = {
-        p.relative_to(local_store).as_posix(): p.read_bytes()
-        for p in local_store.rglob("*")
-        if p.is_file()
-    }
+    local = tree_bytes(local_store)
     assert objects == local  # every array, label, checksum and attribute: the same bytes
     assert not (tmp_path / "staging").exists() or not any((tmp_path / "staging").rglob("*.json"))
 
@@ -440,22 +443,9 @@ def test_a_dask_pack_to_s3_holds_the_local_packs_bytes(
     s3: S3Server, source: Path, local_store: Path, tmp_path: Path
 ) -> None:
     pytest.importorskip("distributed")
-    url = f"s3://{s3.new_bucket()}/sets/data.zarr"
-    shardfit.pack_images(
-        source,
-        url,
-        image_size=(8, 8),
-        shard_size=SHARD,
-        val_fraction=0.2,
-        staging_dir=tmp_path / "staging",
-        dask="local:2",
-    )
+    url = packed(s3, source, tmp_path, dask="local:2")
     objects = s3.objects(url.split("/")[2], "sets/data.zarr")
-    local = {
-        p.relative_to(local_store).as_posix(): p.read_bytes()
-        for p in local_store.rglob("*")
-        if p.is_file()
-    }
+    local = tree_bytes(local_store)
     assert objects == local
 
 
@@ -493,20 +483,8 @@ def test_a_publish_cut_short_resumes_sending_only_what_is_missing(
         shardfit.open_split(url, cache_dir=tmp_path / "c0")
     staged = Path(staging_path(Location.of(url), tmp_path / "staging"))
     shutil.copytree(local_store, staged)  # the staged pack the killed run had finished
-    report = shardfit.pack_images(
-        source,
-        url,
-        image_size=(8, 8),
-        shard_size=SHARD,
-        val_fraction=0.2,
-        staging_dir=tmp_path / "staging",
-        resume=True,
-    )
+    report = pack_to(url, source, tmp_path, resume=True)
     shard = (local_store / "train/images/c/2/0/0/0").stat().st_size
     root = (local_store / "zarr.json").stat().st_size
     assert report.bytes_uploaded == shard + root
-    assert s3.objects(bucket, prefix) == {
-        p.relative_to(local_store).as_posix(): p.read_bytes()
-        for p in local_store.rglob("*")
-        if p.is_file()
-    }
+    assert s3.objects(bucket, prefix) == tree_bytes(local_store)
