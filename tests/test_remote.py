@@ -347,6 +347,17 @@ def test_bad_remote_options_are_refused_naming_them(s3: S3Server, tmp_path: Path
         shardfit.open_split(tmp_path / "x.zarr", cache_limit=10)
 
 
+def test_keras_own_forked_worker_pool_is_refused_for_an_object_store(
+    s3: S3Server, source: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("keras")
+    from shardfit import Sequence
+
+    url = packed(s3, source, tmp_path)
+    with pytest.raises(InvalidOptionError, match=r"use shared_memory=True for s3://"):
+        Sequence(url, workers=2, use_multiprocessing=True, shared_memory=False, cache_dir=tmp_path)
+
+
 def test_s3fs_style_storage_options_work_without_the_environment(
     s3: S3Server, source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
