@@ -389,8 +389,8 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         if not fetch:
             return
         shards: dict[int, None] = {}
-        for req in self._cursor.upcoming(ahead):
-            shards.update(dict.fromkeys((req.samples // size).tolist()))
+        for later in self._cursor.upcoming(ahead):
+            shards.update(dict.fromkeys((later.samples // size).tolist()))
         if shards:
             self._reader.prefetch(list(shards))
 
