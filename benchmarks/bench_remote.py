@@ -86,6 +86,8 @@ def read_epochs(path: str, cache: Path | None, limit: int | None) -> list[dict[s
             for i in range(len(seq)):
                 n += len(seq[i][0])
             seconds = time.perf_counter() - start
+            if cache is not None:  # the watcher may not have run in a short epoch
+                peak[0] = max(peak[0], cached_shard_bytes(cache))
             seq.on_epoch_end()
             row: dict[str, Any] = {"epoch": epoch, "images": n, "img_s": n / seconds}
             stats = seq.cache_stats
