@@ -334,9 +334,14 @@ class SplitReader:
         got = opened.shards.get(k)
         if got is not None:
             return got
-        path, index = self._index(k)
-        fd = open_regular(path) if self._cache is None else self.open_shard(k)
+        if self._cache is None:
+            path, index = self._index(k)
+            fd = open_regular(path)
+        else:  # one lease, for the index and the mapping alike
+            path, fd = shard_path(self.path, self.split, k), self.open_shard(k)
         try:
+            if self._cache is not None:
+                index = self._remote_index(k, fd)
             mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         except BaseException:
             os.close(fd)
@@ -389,7 +394,7 @@ class SplitReader:
         every sample already verified in this process with ``verify="once"``."""
         if self.verify == "off" or self.compression != "none":
             return None
-        expect = min(self.shard_size, self.count - k * self.shard_size)
+        expect = self._samples_in(k)
         if self.verify == "once" and bool(self._verified(k)[:expect].all()):
             return None
         return PieceChecksums(buffer, self._stride, self._chunk_bytes, expect)
@@ -407,7 +412,7 @@ class SplitReader:
             DatasetFormatError: the content is truncated or corrupt (the file is named).
         """
         path = self.shard_name(k)
-        expect = min(self.shard_size, self.count - k * self.shard_size)
+        expect = self._samples_in(k)
         index = shard_index_of_bytes(path, data, self.shard_size, expect)[:expect]
         dense = self._dense(path, data, index)
         if self.verify == "off":
@@ -456,7 +461,7 @@ class SplitReader:
         """The largest shard ``k``'s file can be: its images (at most a compressor's frame of
         each, a little larger than the image when it does not compress), their checksums and
         the index. Exact when uncompressed."""
-        expect = min(self.shard_size, self.count - k * self.shard_size)
+        expect = self._samples_in(k)
         chunk = self._stride
         if self.compression != "none":
             chunk = self._chunk_bytes + self._chunk_bytes // 64 + 4096 + self._trailer
@@ -468,12 +473,16 @@ class SplitReader:
             return f"{self.url}/{self.split}/images/c/{k}/0/0/0"
         return shard_path(self.path, self.split, k)
 
+    def _samples_in(self, k: int) -> int:
+        """Samples shard ``k`` holds (the last shard may hold fewer)."""
+        return min(self.shard_size, self.count - k * self.shard_size)
+
     def open_shard(self, k: int) -> int:
         """A read-only descriptor of shard ``k``'s file; for an object store, of its copy in
         the cache (fetched if need be), leased until the descriptor is closed."""
         if self._cache is None:
             return open_regular(shard_path(self.path, self.split, k))
-        expect = min(self.shard_size, self.count - k * self.shard_size)
+        expect = self._samples_in(k)
         return self._cache.lease(self.split, k, self.max_shard_bytes(k), expect, self.shard_size)
 
     def key_cache(self, distance: npt.NDArray[np.float64]) -> None:
@@ -511,7 +520,7 @@ class SplitReader:
         got = opened.indexes.get(k)
         if got is not None:
             return got
-        expect = min(self.shard_size, self.count - k * self.shard_size)
+        expect = self._samples_in(k)
         own = fd is None
         fd = self.open_shard(k) if fd is None else fd
         try:
@@ -528,7 +537,7 @@ class SplitReader:
         if self._cache is not None:
             return shard_path(self.path, self.split, k), self._remote_index(k)
         path = shard_path(self.path, self.split, k)
-        expect = min(self.shard_size, self.count - k * self.shard_size)
+        expect = self._samples_in(k)
         size = regular_file_size(path)
         if size > self.max_shard_bytes(k):
             raise DatasetFormatError(
@@ -775,7 +784,7 @@ class SplitReader:
                 (
                     k,
                     self.max_shard_bytes(k),
-                    min(self.shard_size, self.count - k * self.shard_size),
+                    self._samples_in(k),
                     self.shard_size,
                 )
                 for k in ks
