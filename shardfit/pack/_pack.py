@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from shardfit._options import merge_options
 from shardfit._version import __version__
@@ -127,7 +128,7 @@ def _fingerprint(options: PackOptions, scan: ScanResult) -> str:
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
 
 
-def _split_plan(scan: ScanResult, options: PackOptions) -> dict[str, np.ndarray]:
+def _split_plan(scan: ScanResult, options: PackOptions) -> dict[str, npt.NDArray[Any]]:
     order = global_order(len(scan.paths), options.seed)
     train, val = stratified_split(scan.labels[order], options.val_fraction)
     plan = {"train": order[train]}
@@ -456,7 +457,7 @@ def _output_error(err: OSError, partial: str) -> OSError:
 def _pack_locked(
     scan: ScanResult,
     options: PackOptions,
-    plan: dict[str, np.ndarray],
+    plan: dict[str, npt.NDArray[Any]],
     out: str,
     partial: str,
     created: bool,
@@ -505,7 +506,7 @@ def _pack_locked(
 
 
 def _kept_records(
-    partial: str, split: str, positions: np.ndarray, scan: ScanResult, shard_size: int
+    partial: str, split: str, positions: npt.NDArray[Any], scan: ScanResult, shard_size: int
 ) -> list[ShardRecord]:
     """The progress records of ``split`` to continue after, each checked against the plan.
 
@@ -538,7 +539,7 @@ def _record_problem(
     seq: int,
     start: int,
     shard: int,
-    positions: np.ndarray,
+    positions: npt.NDArray[Any],
     scan: ScanResult,
     shard_size: int,
 ) -> str | None:
@@ -562,7 +563,7 @@ def _record_problem(
 
 
 def _real_names(
-    rec: ShardRecord, positions: np.ndarray, scan: ScanResult
+    rec: ShardRecord, positions: npt.NDArray[Any], scan: ScanResult
 ) -> tuple[list[str], list[tuple[str, str]]] | str:
     """The record's stored paths and skipped files by their real names (as the scan found
     them; a record holds them as :func:`shown`), matched position by position against the
@@ -627,7 +628,7 @@ def _report(
 def _decode_into_shards(
     scan: ScanResult,
     options: PackOptions,
-    plan: dict[str, np.ndarray],
+    plan: dict[str, npt.NDArray[Any]],
     tasks: list[tuple[str, int]],
     writers: dict[str, SplitWriter],
     progress: bool,
@@ -683,7 +684,7 @@ def _decode_into_shards(
 
 
 def _with_real_names(
-    records: list[ShardRecord], positions: np.ndarray, scan: ScanResult
+    records: list[ShardRecord], positions: npt.NDArray[Any], scan: ScanResult
 ) -> list[ShardRecord]:
     """``records`` with the real names of their files: the ``paths`` array stores a name's
     bytes as the filesystem gives them, which a record (JSON) cannot hold."""
@@ -700,7 +701,7 @@ def _finalize(
     partial: str,
     scan: ScanResult,
     options: PackOptions,
-    plan: dict[str, np.ndarray],
+    plan: dict[str, npt.NDArray[Any]],
     writers: dict[str, SplitWriter],
 ) -> list[tuple[str, str]]:
     """Write every split's arrays and the root attributes (``complete: true`` last of all);

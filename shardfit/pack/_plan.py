@@ -6,6 +6,8 @@ Pure functions of their arguments; every random stream is seeded with
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -25,7 +27,7 @@ def global_order(n: int, seed: int) -> npt.NDArray[np.int64]:
 
 
 def stratified_split(
-    labels: npt.NDArray[np.integer], fraction: float
+    labels: npt.NDArray[np.integer[Any]], fraction: float
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Split already-shuffled samples into train and validation positions, class by class.
 

@@ -129,7 +129,7 @@ def _worker_main(
         if msg is None:
             return
         index, path, slot = msg
-        out = None
+        out: npt.NDArray[Any] | None = None
         if slots is not None and slot is not None and compression == "none":
             # decode straight into the slot: no image-sized array, no copy
             out = np.ndarray(shape, dtype=spec.dtype, buffer=slots, offset=slot * slot_bytes)

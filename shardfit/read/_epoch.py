@@ -68,7 +68,8 @@ def epoch_order(
         )
         rng = np.random.default_rng([seed, _WINDOW_STREAM, epoch, w])
         parts.append(rng.permutation(samples))
-    return np.concatenate(parts).astype(np.int64)
+    order: npt.NDArray[np.int64] = np.concatenate(parts).astype(np.int64)
+    return order
 
 
 def batch_count(

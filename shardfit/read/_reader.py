@@ -626,7 +626,7 @@ class SplitReader:
         seen = self._verified(k)[:n]
         if checked is None and (self.verify == "always" or not bool(seen.all())):
             return False
-        ends = np.ndarray(
+        ends: npt.NDArray[Any] = np.ndarray(
             (n,), "<u4", buffer=data, offset=self._chunk_bytes, strides=(self._stride,)
         )
         sums = self._pinned()[1]
@@ -689,7 +689,7 @@ class SplitReader:
 
     def read_into(
         self,
-        indices: npt.NDArray[np.integer],
+        indices: npt.NDArray[np.integer[Any]],
         out: npt.NDArray[Any],
         *,
         shards: ShardGetter | None = None,
@@ -715,7 +715,7 @@ class SplitReader:
 
     def _read_from(
         self,
-        indices: npt.NDArray[np.integer],
+        indices: npt.NDArray[np.integer[Any]],
         out: npt.NDArray[Any],
         shards: ShardGetter,
         *,
@@ -762,7 +762,7 @@ class SplitReader:
                 done = dst if not convert and dst.flags.c_contiguous else src
                 self._check_sample(i, done, stored)
 
-    def will_need(self, indices: npt.NDArray[np.integer]) -> None:
+    def will_need(self, indices: npt.NDArray[np.integer[Any]]) -> None:
         """Tell the kernel that samples ``indices`` will be read soon (reading them from disk
         starts now, in the background). Only with ``io_mode == "pread"``: mapped shards are
         read ahead by the kernel's own fault-around. For an object store: start fetching the
@@ -794,7 +794,7 @@ class SplitReader:
 
     def _pread_plan(
         self,
-        indices: npt.NDArray[np.integer],
+        indices: npt.NDArray[np.integer[Any]],
         files: Callable[[int], _ShardFile] | None = None,
     ) -> list[tuple[_ShardFile, int, int]]:
         """(file, byte offset, bytes with the checksum) of each sample."""
@@ -808,7 +808,7 @@ class SplitReader:
             plan.append((f, f.offsets[j], f.sizes[j]))
         return plan
 
-    def _read_pread(self, indices: npt.NDArray[np.integer], out: npt.NDArray[Any]) -> None:
+    def _read_pread(self, indices: npt.NDArray[np.integer[Any]], out: npt.NDArray[Any]) -> None:
         if self._cache is None:
             self._read_pread_from(indices, out, None)
             return
@@ -840,7 +840,7 @@ class SplitReader:
 
     def _read_pread_from(
         self,
-        indices: npt.NDArray[np.integer],
+        indices: npt.NDArray[np.integer[Any]],
         out: npt.NDArray[Any],
         files: Callable[[int], _ShardFile] | None,
         rows: list[int] | None = None,
