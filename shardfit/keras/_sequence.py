@@ -37,6 +37,7 @@ from shardfit.read._buffers import BufferPool
 from shardfit.read._epoch import next_use
 from shardfit.read._order import EpochCursor, Request
 from shardfit.read._prefetch import Prefetcher
+from shardfit.read._readahead import ShardReadAhead
 from shardfit.read._reader import SplitReader
 from shardfit.read._stage import ShardStager, drops_cache, read_path
 from shardfit.read._workers import WorkerPool, worker_context
@@ -229,6 +230,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         self._procs: WorkerPool | None = None
         self._prefetch: Prefetcher | None = None
         self._stage: ShardStager | None = None
+        self._ahead: ShardReadAhead | None = None
         self._hinted: set[tuple[int, int]] = set()  # upcoming batches whose reads were asked
         self._endless = False  # the running Keras call takes more or fewer steps than an epoch
         self._active = 0  # calls of __getitem__ under way
@@ -319,6 +321,8 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
             stager.advance(req.epoch, req.index)  # reads ahead from this batch's window on
         if self._reader.url is not None:
             self._fetch_ahead(req, fetch=stager is None)
+        elif self.io == "mmap":
+            self._map_ahead(req)
         prefetch = self._prefetcher()
         if prefetch is None and self.io != "pread":
             return self._build(req)  # no threads, and nothing to hint: the kernel or the
@@ -374,7 +378,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         each)."""
         o = self.options
         size = self._reader.shard_size
-        ahead = max(o.max_queue_size, -(-2 * o.shuffle_window * size // o.batch_size))
+        ahead = self._lookahead()
         if req.index % max(1, ahead // 4):
             return
         self._reader.key_cache(
@@ -393,6 +397,31 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
             shards.update(dict.fromkeys((later.samples // size).tolist()))
         if shards:
             self._reader.prefetch(list(shards))
+
+    def _lookahead(self) -> int:
+        """Batches whose shards are fetched or read ahead: two shuffle windows' worth."""
+        o = self.options
+        return max(
+            o.max_queue_size, -(-2 * o.shuffle_window * self._reader.shard_size // o.batch_size)
+        )
+
+    def _map_ahead(self, req: Request) -> None:
+        """A local store read through mappings: every ``ahead // 4`` batches, have the kernel
+        start reading the whole files of the shards of the next ``ahead`` batches (two shuffle
+        windows' worth), in plan order, unless cached. Without it a cold mapped shard is read
+        by the page faults of the thread that needs it, one small read at a time."""
+        ahead = self._lookahead()
+        if req.index % max(1, ahead // 4):
+            return
+        size = self._reader.shard_size
+        shards: dict[int, None] = {}
+        for later in self._cursor.upcoming(ahead):
+            shards.update(dict.fromkeys((later.samples // size).tolist()))
+        readahead = self._ahead
+        if readahead is None:
+            files = self._reader.shard_files()
+            readahead = self._ahead = ShardReadAhead(files.__getitem__)
+        readahead.want(req.epoch, shards)
 
     def _hint(self, upcoming: list[Request]) -> None:
         """Ask the kernel to start reading the batches that will be asked for next, each once
@@ -427,6 +456,9 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         with self._lock:
             prefetch, self._prefetch = self._prefetch, None
             stager, self._stage = self._stage, None
+            ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.close()
         if prefetch is not None:
             prefetch.close()
         if stager is not None:
@@ -611,6 +643,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         state["_procs"] = None  # threads, processes and shared memory stay with their owner
         state["_prefetch"] = None
         state["_stage"] = None
+        state["_ahead"] = None
         state["_hinted"] = set()
         state["_active"] = 0
         state["_exiting"] = False
