@@ -402,6 +402,27 @@ def tfdata_shards(ctx: Ctx) -> EpochFn:
     return epoch
 
 
+def _peer(name: str) -> Callable[[Ctx], EpochFn]:
+    def factory(ctx: Ctx) -> EpochFn:
+        import _peers
+
+        return _peers.epochs(name, ctx.stores[name], ctx.batch, ctx.size)
+
+    return factory
+
+
+def _fit_peer(name: str) -> Callable[[Ctx], Any]:
+    def factory(ctx: Ctx) -> Any:
+        import _peers
+
+        return _peers.loader(name, ctx.stores[name], ctx.batch, ctx.size)
+
+    return factory
+
+
+#: the dedicated streaming loaders (benchmarks/_peers.py), each over its own copy of the data
+PEERS = ("grain", "streaming", "litdata", "webdataset", "webdataset jpeg")
+
 VARIANTS: dict[str, Callable[[Ctx], EpochFn]] = {
     "ceiling: RAM copy": ceiling_ram,
     "ceiling: memmap copy": ceiling_memmap,
@@ -422,6 +443,7 @@ VARIANTS: dict[str, Callable[[Ctx], EpochFn]] = {
     "image_dataset_from_directory": image_dataset_from_directory,
     "in-memory numpy": in_memory,
     "tf.data over shards": tfdata_shards,
+    **{name: _peer(name) for name in PEERS},
 }
 
 
@@ -539,4 +561,11 @@ FIT_VARIANTS: dict[str, Callable[[Ctx], Any]] = {
     "fit: zarr-python PyDataset": fit_zarr,
     "fit: image_dataset_from_directory": fit_idfd,
     "fit: tf.data over shards": fit_tfdata,
+    **{f"fit: {name}": _fit_peer(name) for name in PEERS},
+    # the same Sequence under Keras's other backends (run.py sets KERAS_BACKEND for these)
+    "fit: shardfit (jax)": fit_shardfit(),
+    "fit: shardfit (torch)": fit_shardfit(),
+    # each backend's own ceiling for its fit rows
+    "fit: constant batch (jax, ceiling)": fit_constant,
+    "fit: constant batch (torch, ceiling)": fit_constant,
 }

@@ -4,9 +4,20 @@ on the same bytes, in one run. Throughput against RAM.
 
 Run: ``python benchmarks/run.py --size small`` (what the slow test suite runs) or ``--size
 full`` (warm and cold on 7,200 images, a 4.3 GB float32 store; the constrained regime on 20,000
-images, a 12 GB store; about 40 minutes). Every (variant, regime, repetition) runs in a fresh
-process; variants are interleaved; the warm regime discards one warm-up epoch; the consumer
-touches every batch.
+images, a 12 GB store; about 40 minutes; with ``--peers``, about 60). Every (variant, regime,
+repetition) runs in a fresh process; variants are interleaved within each data set (warm and
+cold share one; the constrained regime's is packed after the first is deleted); the warm regime
+discards one warm-up epoch; the consumer touches every batch.
+
+Peers (``--peers``, ``pip install 'shardfit[peers]'``): Grain over ArrayRecord, MosaicML
+Streaming (MDS), LitData and WebDataset (tar shards of float32 ``.npy``, and of JPEGs), each
+packed from the same folder with its own writer (time and bytes on disk in the report) and read
+as its documentation shows with 2 worker processes (benchmarks/_peers.py): a loader row and a
+``fit: <peer>`` row in every regime. A peer that cannot run gets its reason in its row.
+
+Backends: every row names the Keras backend its process ran (``none``: Keras not imported).
+``fit: shardfit (jax)`` and ``(torch)`` run the same Sequence with ``KERAS_BACKEND`` set, warm
+and constrained, each beside its backend's own ``fit: constant batch`` ceiling.
 
 Regimes:
 - ``warm``: page cache primed by a discarded first epoch.
@@ -34,7 +45,8 @@ own peak and OOM kills.
 End to end, the ``fit: ...`` rows feed a small model (global average pooling, one dense layer)
 with each loader for 2 epochs (1 when cold) and time the last: whole-epoch images/s, and
 steady-state images/s from the first to the last batch; ``fit: constant batch``
-(one in-memory batch served again and again) is the framework's own ceiling for those rows.
+(one in-memory batch served again and again) is the framework's own ceiling for those rows
+(one per Keras backend).
 
 A full run times the decode-bound baselines (PIL Sequence, image_dataset_from_directory, the
 zarr-python PyDataset; loader and fit rows) over their first 800 images per epoch (their rate is
@@ -103,10 +115,33 @@ REFERENCE = {
     "shardfit zstd",
 }
 NOT_CONSTRAINED = SLOW
+#: The dedicated streaming loaders (benchmarks/_peers.py), run with ``--peers``: each packs the
+#: folder with its own writer into a copy of its own (4 more copies of the float32 data).
+PEERS = ("grain", "streaming", "litdata", "webdataset", "webdataset jpeg")
+PEER_VARIANTS = {*PEERS, *(f"fit: {p}" for p in PEERS)}
+#: Repetitions of the peers' rows in a full run, by regime: under the memory limit each of
+#: their runs takes 1-2 minutes (two epochs of 20,000 images at 400-800 img/s), 13 minutes for
+#: one repetition of the ten rows.
+PEER_REPS = {"warm": 2, "cold": 2, "constrained": 1}
+#: ``fit`` under Keras's other backends: variant -> KERAS_BACKEND (the other rows: TensorFlow,
+#: where Keras is imported at all).
+BACKEND_OF = {
+    "fit: shardfit (jax)": "jax",
+    "fit: shardfit (torch)": "torch",
+    "fit: constant batch (jax, ceiling)": "jax",
+    "fit: constant batch (torch, ceiling)": "torch",
+}
 #: Loaders whose timed epoch never reads the disk (everything was loaded into RAM first): a
 #: cold epoch is the same as a warm one for them, so they run warm (and under the limit, where
-#: they run out of memory) only.
-NOT_COLD = {"ceiling: RAM copy", "in-memory numpy", "fit: in-memory numpy"}
+#: they run out of memory) only. The other backends' rows run warm and under the limit.
+NOT_COLD = {"ceiling: RAM copy", "in-memory numpy", "fit: in-memory numpy", *BACKEND_OF}
+#: With the peers, the constrained regime's data set (20,000 images: 12 GB per float32 copy)
+#: would not fit this machine's 70 GB of free disk with the zstd store too: a reference row,
+#: left out there with this reason.
+PEERS_CROWD_OUT = {
+    "shardfit zstd": "left out with --peers: no disk for a 7 GB zstd store beside "
+    "the peers' four 12 GB copies"
+}
 #: The rows whose fastest is a regime's ceiling (the disk's limit: the better of two patterns of
 #: large reads, measured side by side).
 CEILING = {
@@ -116,7 +151,12 @@ CEILING = {
 }
 #: Ceilings that mean nothing warm (they measure the disk).
 NOT_WARM = {"ceiling: parallel reads", "ceiling: shard streams"}
-FIT_CEILING = "fit: constant batch (ceiling)"
+#: The ceiling of the ``fit`` rows of each Keras backend: its own constant-batch row.
+FIT_CEILING = {
+    "tensorflow": "fit: constant batch (ceiling)",
+    "jax": "fit: constant batch (jax, ceiling)",
+    "torch": "fit: constant batch (torch, ceiling)",
+}
 #: Variants that need Keras (and so TensorFlow) imported: measured from that baseline.
 USES_KERAS = {
     "shardfit float32",
@@ -128,6 +168,11 @@ USES_KERAS = {
     "image_dataset_from_directory",
     "tf.data over shards",
 }
+
+
+def data_files(stores: dict[str, Path], src: Path) -> list[Path]:
+    """Every file of every store (shardfit's and the peers') and of the source folder."""
+    return [p for root in (*stores.values(), src) for p in Path(root).rglob("*") if p.is_file()]
 
 
 def _drop_cache(paths: list[Path]) -> None:
@@ -160,6 +205,7 @@ def tree_cpu_s(pid: int) -> float:
 
 def child_fit(args: argparse.Namespace, ctx: object) -> None:
     """One variant feeding ``model.fit`` of a small model; times the last epoch."""
+    _import_peer(args.child)  # first: see _import_peer
     import keras
     from _loaders import FIT_VARIANTS
     from _memory import tree_memory
@@ -193,12 +239,7 @@ def child_fit(args: argparse.Namespace, ctx: object) -> None:
     # the last of 2 epochs is timed, but cold (where the second epoch would be warm)
     epochs = 1 if args.regime == "cold" else 2
     if args.regime != "warm":
-        from _loaders import shard_files
-
-        _drop_cache(
-            [f for s in ctx.stores.values() for f in shard_files(s)]  # type: ignore[attr-defined]
-            + [p for p in ctx.src.rglob("*") if p.is_file()]
-        )  # type: ignore[attr-defined]
+        _drop_cache(data_files(ctx.stores, ctx.src))  # type: ignore[attr-defined]
     cpu0 = tree_cpu_s(os.getpid())
     if isinstance(data, tuple):
         model.fit(
@@ -220,14 +261,39 @@ def child_fit(args: argparse.Namespace, ctx: object) -> None:
                 "baseline": baseline,
                 "steady_rate": (batches - 1) * args.batch / steady if steady else None,
                 "first_epoch_rate": marks[0][2] * args.batch / marks[0][0] if epochs > 1 else None,
+                "backend": keras.backend.backend(),
             }
         ),
         flush=True,
     )
 
 
+def _import_peer(variant: str) -> None:
+    """Import what a peer's loader needs before the baseline is taken (its own imports are
+    shown apart, as Keras's are); a peer that is not installed ends the child with SKIP.
+
+    Before Keras: Streaming imports transformers, which imports torch._dynamo and with it
+    Triton (in torch's CUDA builds, which torchvision needs here), and Triton loaded into a
+    process that holds TensorFlow already crashes it (SIGSEGV at import, seen here with torch
+    2.14.1, Triton 3.8, TensorFlow 2.21); the other order works."""
+    name = variant.removeprefix("fit: ")
+    if name not in PEERS:
+        return
+    import importlib
+
+    import _peers
+
+    try:
+        _peers.require(name)
+    except _peers.PeerMissing as e:
+        print(f"SKIP {e}", flush=True)
+        sys.exit(3)
+    for module in _peers.IMPORTS[name]:
+        importlib.import_module(module)
+
+
 def child(args: argparse.Namespace) -> None:
-    from _loaders import VARIANTS, Ctx, shard_files
+    from _loaders import VARIANTS, Ctx
     from _memory import tree_memory
 
     stores = {k: Path(v) for k, v in json.loads(args.stores).items()}
@@ -241,6 +307,7 @@ def child(args: argparse.Namespace) -> None:
     if args.child.startswith("fit: "):
         child_fit(args, ctx)
         return
+    _import_peer(args.child)
     if args.child in USES_KERAS:
         import keras  # noqa: F401  (the framework's own memory is the baseline, not the loader's)
     baseline = tree_memory(os.getpid()).own
@@ -248,9 +315,7 @@ def child(args: argparse.Namespace) -> None:
     start_epoch = 0
     first_epoch_rate = None
     if args.regime != "warm":
-        files = [f for s in stores.values() for f in shard_files(s)]
-        files += [p for p in ctx.src.rglob("*") if p.is_file()]
-        _drop_cache(files)
+        _drop_cache(data_files(stores, ctx.src))
     if args.regime != "cold":
         # warm: epoch 0 fills the page cache; under the limit, every epoch is read from disk,
         # and epoch 0 bears one-time costs (verify="once" checks every image then)
@@ -281,10 +346,27 @@ def child(args: argparse.Namespace) -> None:
                 "cpu_s": cpu,
                 "baseline": baseline,
                 "first_epoch_rate": first_epoch_rate,
+                "backend": _keras_backend(),
             }
         ),
         flush=True,
     )
+
+
+def _keras_backend() -> str:
+    """The Keras backend this process runs, or "none" where it never imported Keras."""
+    if "keras" not in sys.modules:
+        return "none"
+    import keras
+
+    return str(keras.backend.backend())
+
+
+def expected_backend(variant: str) -> str:
+    """The Keras backend a variant's child runs under (its report row's ``backend``)."""
+    if variant in BACKEND_OF:
+        return BACKEND_OF[variant]
+    return "tensorflow" if variant.startswith("fit: ") or variant in USES_KERAS else "none"
 
 
 def _shm_segments() -> set[str]:
@@ -322,6 +404,7 @@ def measure(
         str(px),
         *(["--cap", str(cap)] if cap else []),
     ]
+    env = {**os.environ, "KERAS_BACKEND": BACKEND_OF.get(variant, "tensorflow")}
     before = _shm_segments()
     started = time.perf_counter()
     group = _cgroup.Limited(limit) if regime == "constrained" and limit else None
@@ -332,6 +415,7 @@ def measure(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
             preexec_fn=group.preexec if group is not None else None,
         )
         with PeakSampler(proc.pid, interval=0.25) as sampler:
@@ -339,6 +423,9 @@ def measure(
         if group is not None:
             cg_stats = group.stats()
     leftover = sorted(_shm_segments() - before)
+    skip = [x[5:] for x in out.splitlines() if x.startswith("SKIP ")]
+    if proc.returncode == 3 and skip:
+        return {"error": skip[0], "shm_left": leftover}
     if proc.returncode != 0:
         oom = proc.returncode == -9 and cg_stats.get("oom_kills", 1) > 0
         if oom and limit:
@@ -359,7 +446,27 @@ def measure(
     return result
 
 
-def prepare(root: Path, images: int, px: int, src: Path | None) -> dict:
+#: shardfit's stores: name -> pack_images options
+SHARDFIT_STORES: dict[str, dict] = {
+    "float32": {},
+    "uint8": {"dtype": "uint8"},
+    "zstd": {"compression": "zstd"},
+}
+
+
+def prepare(
+    root: Path,
+    images: int,
+    px: int,
+    src: Path | None,
+    peers: tuple[str, ...] = (),
+    leave_out: tuple[str, ...] = (),
+) -> dict:
+    """Make (or take) the image folder; pack it into shardfit's stores (but ``leave_out``) and
+    each of ``peers``' formats with its own writer, timing each pack and sizing it on disk.
+    Each pack runs in this process, one at a time, the machine otherwise idle."""
+    from _peers import disk_bytes
+    from _peers import pack as pack_peer
     from bench_pack import make_images
 
     import shardfit
@@ -368,15 +475,23 @@ def prepare(root: Path, images: int, px: int, src: Path | None) -> dict:
     if src is None:
         src = root / "images"
         make_images(src, images, unique=min(images, 400))
-    stores = {}
-    for name, kw in {
-        "float32": {},
-        "uint8": {"dtype": "uint8"},
-        "zstd": {"compression": "zstd"},
-    }.items():
+    stores, packs = {}, {}
+    for name, kw in SHARDFIT_STORES.items():
+        if name in leave_out:
+            continue
         stores[name] = str(root / f"{name}.zarr")
+        t0 = time.perf_counter()
         shardfit.pack_images(src, stores[name], image_size=(px, px), **kw)
-    return {"src": str(src), "stores": stores}
+        packs[f"shardfit {name}"] = {
+            "seconds": time.perf_counter() - t0,
+            "bytes": disk_bytes(Path(stores[name])),
+            "images": images,
+        }
+    for peer in peers:
+        print(f"packing {images} images for {peer} ...", file=sys.stderr)
+        stores[peer] = str(root / peer.replace(" ", "-"))
+        packs[peer] = pack_peer(peer, src, Path(stores[peer]), px)
+    return {"src": str(src), "stores": stores, "packs": packs, "root": str(root)}
 
 
 def machine() -> dict:
@@ -399,10 +514,17 @@ def _family(variant: str) -> str:
     name = variant.removeprefix("fit: ")
     if name.startswith("ceiling") or name.startswith("constant batch"):
         return "ceiling"
+    if name in PEERS:
+        return "streaming loader"
     return "shardfit" if name.startswith("shardfit") else "other loader"
 
 
-_COLOURS = {"shardfit": "tab:blue", "other loader": "tab:gray", "ceiling": "tab:orange"}
+_COLOURS = {
+    "shardfit": "tab:blue",
+    "streaming loader": "tab:green",
+    "other loader": "tab:gray",
+    "ceiling": "tab:orange",
+}
 _X_MIN = 50  # images/s at the left edge of each panel
 
 
@@ -463,7 +585,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     fig.legend(
         handles=[Patch(color=c, label=f) for f, c in _COLOURS.items()],
         loc="lower center",
-        ncol=3,
+        ncol=len(_COLOURS),
         fontsize=8,
     )
     fig.tight_layout(rect=(0, 0.03, 1, 1))
@@ -485,6 +607,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a subset of the size's regimes (default: all of them)",
     )
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="also pack and run Grain, MosaicML Streaming, LitData and WebDataset (pip install "
+        "'shardfit[peers]'; a full run takes about 20 minutes more)",
+    )
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default: the size's own)")
     p.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     for hidden in ("--child", "--regime", "--stores", "--src"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
@@ -501,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     n_images, px, reps, regimes = SIZES[args.size]
+    reps = args.reps or reps
     not_run: dict[str, str] = {}
     if args.regimes:
         regimes = tuple(args.regimes)
@@ -518,43 +648,102 @@ def main(argv: list[str] | None = None) -> int:
     dataset_bytes = big_images * px * px * 3 * 4
     # the float32 store is three times the limit: every epoch is read from disk
     limit = dataset_bytes // LIMIT_FRACTION
-    variants = args.variants or list(known)
+    variants = args.variants or [v for v in known if args.peers or v not in PEER_VARIANTS]
     unknown = sorted(set(variants) - set(known))
     if unknown:
         print(f"run.py: error: unknown variants {unknown}; known: {list(known)}", file=sys.stderr)
         return 2
-    raw: dict[tuple[str, str], list[dict]] = {}
-    with tempfile.TemporaryDirectory(prefix="shardfit-bench-run-") as tmp:
-        print(f"preparing {n_images} images at {px}x{px} ...", file=sys.stderr)
-        data = {g: prepare(Path(tmp) / "base", n_images, px, args.images) for g in ("warm",)}
-        data["cold"] = data["warm"]
-        if "constrained" in regimes:
-            if big_images == n_images:
-                data["constrained"] = data["warm"]
-            else:
-                print(f"preparing {big_images} images at {px}x{px} ...", file=sys.stderr)
-                data["constrained"] = prepare(Path(tmp) / "big", big_images, px, None)
-        slow_reps = reps if args.size != "full" else min(reps, SLOW_REPS)
-        runs = [
-            (v, g)
-            for rep in range(reps)
-            for g in regimes
-            for v in variants
-            if not (g == "constrained" and v in NOT_CONSTRAINED)
+    peers = tuple(p for p in PEERS if p in variants or f"fit: {p}" in variants)
+    # regimes on the same data set run together, data set by data set: the small one's copies
+    # are deleted before the large one is packed (with the peers, both would not fit the disk)
+    same_data = big_images == n_images
+    groups = [tuple(g for g in regimes if g != "constrained" or same_data)]
+    if "constrained" in regimes and not same_data:
+        groups.append(("constrained",))
+    groups = [grp for grp in groups if grp]
+    crowded = PEERS_CROWD_OUT if peers and not same_data else {}
+    slow_reps = reps if args.size != "full" else min(reps, SLOW_REPS)
+    peer_reps = {g: reps if args.size != "full" else min(reps, n) for g, n in PEER_REPS.items()}
+    skipped = {
+        (v, "constrained"): why
+        for v, why in crowded.items()
+        if v in variants and "constrained" in regimes
+    }
+
+    def wanted(v: str, g: str, rep: int) -> bool:
+        return (
+            not (g == "constrained" and v in NOT_CONSTRAINED)
             and not (g == "cold" and v in NOT_COLD)
             and not (g == "warm" and v in NOT_WARM)
+            and (v, g) not in skipped
             and not ((v in SLOW or v in REFERENCE) and rep >= slow_reps)
-        ]
-        for v, g in tqdm(runs, desc="runs", file=sys.stderr):
-            raw.setdefault((v, g), []).append(
-                measure(v, g, data[g], args.batch, px, limit, CAP[args.size])
+            and not (v in PEER_VARIANTS and rep >= peer_reps[g])
+        )
+
+    runs = [
+        (i, v, g)
+        for i, grp in enumerate(groups)
+        for rep in range(reps)
+        for g in grp
+        for v in variants
+        if wanted(v, g, rep)
+    ]
+    raw: dict[tuple[str, str], list[dict]] = {}
+    packs: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="shardfit-bench-run-") as tmp:
+        data: dict[str, dict] = {}
+        bar = tqdm(total=len(runs), desc="runs", file=sys.stderr)
+        for i, grp in enumerate(groups):
+            for d in {id(d): d for d in data.values()}.values():
+                shutil.rmtree(d["root"])
+            big = "constrained" in grp and not same_data
+            count = big_images if big else n_images
+            print(f"preparing {count} images at {px}x{px} ...", file=sys.stderr)
+            made = prepare(
+                Path(tmp) / ("big" if big else "base"),
+                count,
+                px,
+                None if big else args.images,
+                peers,
+                tuple(v.removeprefix("shardfit ") for v in crowded) if big else (),
             )
+            data = dict.fromkeys(grp, made)
+            for name, rec in made["packs"].items():
+                packs[f"{name} ({count} images)"] = rec
+            for j, v, g in runs:
+                if j != i:
+                    continue
+                peer = v.removeprefix("fit: ")
+                failed = made["packs"].get(peer, {}).get("error")
+                result = (
+                    {"error": f"pack failed: {failed}", "shm_left": []}
+                    if failed
+                    else measure(v, g, data[g], args.batch, px, limit, CAP[args.size])
+                )
+                raw.setdefault((v, g), []).append(result)
+                bar.update()
+        bar.close()
     rows = []
+    for (v, g), why in skipped.items():
+        rows.append(
+            {
+                "variant": v,
+                "regime": g,
+                "backend": expected_backend(v),
+                "runs": 0,
+                "errors": [why],
+                "shm_left": [],
+            }
+        )
     for (v, g), results in raw.items():
         ok = [r for r in results if "error" not in r]
+        backends = {r["backend"] for r in ok} or {expected_backend(v)}
+        if backends != {expected_backend(v)}:  # the report would mislabel the row
+            raise RuntimeError(f"{v} ran under {backends}, not {expected_backend(v)}")
         row: dict = {
             "variant": v,
             "regime": g,
+            "backend": expected_backend(v),
             "runs": len(results),
             "errors": [r["error"] for r in results if "error" in r],
             "shm_left": sorted({s for r in results for s in r["shm_left"]}),
@@ -576,7 +765,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         rows.append(row)
     for row in rows:
-        names = (FIT_CEILING,) if row["variant"].startswith("fit: ") else CEILING[row["regime"]]
+        names = (
+            (FIT_CEILING[row["backend"]],)
+            if row["variant"].startswith("fit: ")
+            else CEILING[row["regime"]]
+        )
         ceiling = max(
             (
                 r
@@ -598,6 +791,8 @@ def main(argv: list[str] | None = None) -> int:
         "regimes_run": list(regimes),
         "regimes_not_run": not_run,
         "memory_limit_bytes": limit if "constrained" in regimes else None,
+        "peers": list(peers),
+        "packs": packs,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "rows": rows,
     }
@@ -616,20 +811,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         + ".",
         "",
-        "| regime | variant | images/s median (min-max) | % of ceiling | first epoch img/s "
-        "| img per CPU-s | first batch / fit steady img/s | loader's own RAM peak "
-        "| imports baseline | mapped files | summed RSS (double-counts) | /dev/shm left |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| regime | variant | backend | images/s median (min-max) | % of ceiling "
+        "| first epoch img/s | img per CPU-s | first batch / fit steady img/s "
+        "| loader's own RAM peak | imports baseline | mapped files "
+        "| summed RSS (double-counts) | /dev/shm left |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "median" not in r:
             failed = "; ".join(r["errors"])
-            lines.append(f"| {r['regime']} | {r['variant']} | failed: {failed} |" + " |" * 9)
+            word = "not run" if r["runs"] == 0 else "failed"
+            lines.append(
+                f"| {r['regime']} | {r['variant']} | {r['backend']} | {word}: {failed} |" + " |" * 9
+            )
             continue
         pct = f"{r['pct_of_ceiling']:.0f}%" if "pct_of_ceiling" in r else "-"
         first = f"{r['first_epoch']:.0f}" if r["first_epoch"] else "-"
         lines.append(
-            f"| {r['regime']} | {r['variant']} | "
+            f"| {r['regime']} | {r['variant']} | {r['backend']} | "
             f"{r['median']:.0f} ({r['min']:.0f}-{r['max']:.0f}) | "
             f"{pct} | {first} | "
             f"{r['per_cpu_s']:.0f} | "
@@ -642,6 +841,24 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['peak_file_mb']:.0f} MB | {r['peak_rss_mb']:.0f} MB | "
             f"{len(r['shm_left'])} |"
         )
+    if packs:
+        lines += [
+            "",
+            "Packing the same folder, each format with its own writer (source decoded by "
+            "2 processes), one at a time before the runs:",
+            "",
+            "| format | images | seconds | images/s | bytes on disk | bytes per image |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, rec in packs.items():
+            if "error" in rec:
+                lines.append(f"| {name} | failed: {rec['error']} | | | | |")
+                continue
+            lines.append(
+                f"| {name} | {rec['images']} | {rec['seconds']:.1f} | "
+                f"{rec['images'] / rec['seconds']:.0f} | {rec['bytes'] / 1e9:.2f} GB | "
+                f"{rec['bytes'] / rec['images'] / 1e3:.0f} KB |"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     if plot(rows, args.out / "loaders.png"):
         lines += [

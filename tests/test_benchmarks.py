@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,12 +73,19 @@ def test_memory_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert row["baseline_own"] > 0
 
 
-def test_loader_benchmark_small_runs_every_variant(tmp_path: Path) -> None:
+def test_loader_benchmark_small_runs_every_variant_peers_and_backends(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from _loaders import FIT_VARIANTS, VARIANTS
-    from run import NOT_WARM
+    from run import NOT_WARM, PEERS
 
-    doc = run_benchmark("run.py", tmp_path, "--size", "small", result="loaders")
+    # the peers' libraries and Keras's other backends: .ci/run installs them all
+    needed = ("grain", "streaming", "litdata", "webdataset", "torch", "jax")
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing and os.environ.get("SHARDFIT_REQUIRE_BACKENDS") == "1":
+        pytest.fail(f"{missing} not installed, and SHARDFIT_REQUIRE_BACKENDS=1")
+    if missing:
+        pytest.skip(f"{missing} not installed (pip install -e '.[test,jax,torch,peers]')")
+    doc = run_benchmark("run.py", tmp_path, "--size", "small", "--peers", result="loaders")
     rows = {r["variant"]: r for r in doc["rows"]}
     assert set(rows) == (set(VARIANTS) | set(FIT_VARIANTS)) - NOT_WARM  # small runs warm only
     for name, row in rows.items():
@@ -85,6 +94,24 @@ def test_loader_benchmark_small_runs_every_variant(tmp_path: Path) -> None:
         assert row["shm_left"] == []
     assert set(doc["regimes_not_run"]) == {"cold", "constrained"}  # small runs warm only
     assert (tmp_path / "loaders.png").stat().st_size > 0
+    # every row names the Keras backend its process ran, checked by the child itself
+    assert rows["fit: shardfit (jax)"]["backend"] == "jax"
+    assert rows["fit: shardfit (torch)"]["backend"] == "torch"
+    assert rows["fit: shardfit"]["backend"] == "tensorflow"
+    assert rows["fit: grain"]["backend"] == "tensorflow"
+    assert rows["ceiling: memmap copy"]["backend"] == "none"
+    assert rows["grain"]["backend"] == "none"
+    # each format packed with its own writer: time and bytes on disk
+    packs = doc["packs"]
+    for name in ("shardfit float32", *PEERS):
+        rec = packs[f"{name} (192 images)"]
+        assert rec["images"] == 192 and rec["seconds"] > 0, (name, rec)
+        # float32 formats hold 64 x 64 x 3 x 4 bytes per image at least; JPEG far less
+        if name == "webdataset jpeg":
+            assert 0 < rec["bytes"] < 192 * 49152 / 2
+        else:
+            assert rec["bytes"] >= 192 * 49152, (name, rec)
+    assert "| webdataset jpeg (192 images) |" in (tmp_path / "loaders.md").read_text()
 
 
 def test_loader_benchmark_constrained_regime_reports_oom_or_why_not(tmp_path: Path) -> None:
