@@ -48,6 +48,25 @@ class Recorder(keras.metrics.Metric):  # type: ignore[misc]
         pass
 
 
+def _zero_copy(seq: shardfit.Sequence) -> bool | None:
+    """Whether the tensor this backend's ``fit`` trains on shares the memory of the batch
+    shardfit hands over (a view of a shared-memory slot with worker processes), converted the
+    way Keras converts it for ``fit``; ``None`` under TensorFlow (its ``from_generator`` path
+    is checked by tests/test_transport.py)."""
+    x = seq[0][0]
+    address = x.__array_interface__["data"][0]
+    backend = keras.backend.backend()
+    if backend == "torch":  # Keras's torch adapter converts each batch with this
+        from keras.src.backend.torch.core import convert_to_tensor
+
+        return bool(convert_to_tensor(x).data_ptr() == address)
+    if backend == "jax":  # Keras's JAX trainer puts each numpy batch on the device thus
+        import jax
+
+        return bool(jax.device_put(x).unsafe_buffer_pointer() == address)
+    return None
+
+
 def main() -> None:
     store, mode = sys.argv[1:3]
     seq = shardfit.Sequence(store, batch_size=8, seed=6, max_queue_size=3, **MODES[mode])
@@ -80,6 +99,9 @@ def main() -> None:
         },
         "epoch_after": seq.epoch,
     }
+    if mode == "processes":
+        out["transport"] = list(seq.transport_stats or (0, 0))
+        out["zero_copy"] = _zero_copy(seq)
     seq.close()
     print("RESULT " + json.dumps(out), flush=True)
 

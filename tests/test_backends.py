@@ -85,3 +85,11 @@ def test_fit_trains_the_plan_exactly_once_per_epoch_under_each_backend(
     for e in range(2):
         assert epochs[str(e)] == _plan(store, e), f"epoch {e} under {backend}, {mode}"
     assert got["epoch_after"] == 2
+    if mode == "processes":
+        # every batch came through the shared-memory ring, none pickled, under every backend
+        shared, pickled = got["transport"]  # type: ignore[misc]
+        assert shared > 0 and pickled == 0, got["transport"]
+        # handed over without a copy where the backend allows: JAX's device_put (CPU) aliases
+        # the slot; Keras's torch backend copies every numpy batch (np.array in its
+        # convert_to_tensor) before torch.as_tensor. Pinned, so that a change in either shows
+        assert got["zero_copy"] == {"torch": False, "jax": True, "tensorflow": None}[backend]
