@@ -574,7 +574,8 @@ def plot(rows: list[dict], path: Path) -> bool:
                     )
                 else:
                     why = "; ".join(sorted(set(r.get("errors", []))))[:40]
-                    ax.text(_X_MIN, y, f" failed: {why}", va="center", fontsize=7, color="red")
+                    word = "not run" if r.get("runs") == 0 else "failed"
+                    ax.text(_X_MIN, y, f" {word}: {why}", va="center", fontsize=7, color="red")
             ax.set_xscale("log")
             top = max([*values, 10])
             ax.set_xlim(_X_MIN, top * 8)
