@@ -285,7 +285,8 @@ def webdataset_loader(store: Path, batch: int, jpeg: bool) -> Any:
 
 
 def loader(peer: str, store: Path, batch: int, px: int) -> Any:
-    """What ``fit`` is given for ``peer`` (its epochs reshuffle, but Grain's: see run.py)."""
+    """What ``fit`` is given for ``peer``. Each epoch of ``fit`` reshuffles, but Grain's: Keras
+    iterates the same Grain dataset afresh every epoch, and its shuffle is fixed by its seed."""
     require(peer)
     if peer == "grain":
         return grain_dataset(store, batch, px, seed=0)
