@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _peers import PEERS as PEER_LIBRARIES
+from _peers import source_files
 
 Batch = tuple[Any, Any]
 EpochFn = Callable[[int], Iterator[Batch]]
@@ -317,8 +319,7 @@ def pil_sequence(ctx: Ctx) -> EpochFn:
     """The ``fit_generator`` articles' Sequence: open, convert, resize every JPEG every batch."""
     from PIL import Image
 
-    classes = sorted(p.name for p in ctx.src.iterdir() if p.is_dir())
-    files = [(f, c) for c, name in enumerate(classes) for f in sorted((ctx.src / name).iterdir())]
+    files = source_files(ctx.src)
 
     def epoch(e: int) -> Iterator[Batch]:
         order = np.random.default_rng([0, e]).permutation(len(files))[: ctx.cap]
@@ -421,7 +422,7 @@ def _fit_peer(name: str) -> Callable[[Ctx], Any]:
 
 
 #: the dedicated streaming loaders (benchmarks/_peers.py), each over its own copy of the data
-PEERS = ("grain", "streaming", "litdata", "webdataset", "webdataset jpeg")
+PEERS = tuple(PEER_LIBRARIES)
 
 VARIANTS: dict[str, Callable[[Ctx], EpochFn]] = {
     "ceiling: RAM copy": ceiling_ram,
@@ -491,8 +492,7 @@ def fit_in_memory(ctx: Ctx) -> Any:
 def fit_pil(ctx: Ctx) -> Any:
     from PIL import Image
 
-    classes = sorted(p.name for p in ctx.src.iterdir() if p.is_dir())
-    files = [(f, c) for c, name in enumerate(classes) for f in sorted((ctx.src / name).iterdir())]
+    files = source_files(ctx.src)
 
     def get(i: int) -> Batch:
         chunk = files[i * ctx.batch : (i + 1) * ctx.batch]

@@ -77,6 +77,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import _cgroup  # noqa: E402
 from _memory import PeakSampler  # noqa: E402
+from _peers import PEERS as PEER_LIBRARIES  # noqa: E402
 from _report import OUT_HELP, fresh_out, publish  # noqa: E402
 
 SIZES = {  # images, side in pixels, repetitions, regimes
@@ -117,7 +118,7 @@ REFERENCE = {
 NOT_CONSTRAINED = SLOW
 #: The dedicated streaming loaders (benchmarks/_peers.py), run with ``--peers``: each packs the
 #: folder with its own writer into a copy of its own (4 more copies of the float32 data).
-PEERS = ("grain", "streaming", "litdata", "webdataset", "webdataset jpeg")
+PEERS = tuple(PEER_LIBRARIES)
 PEER_VARIANTS = {*PEERS, *(f"fit: {p}" for p in PEERS)}
 #: Repetitions of the peers' rows in a full run, by regime: under the memory limit each of
 #: their runs takes 1-2 minutes (two epochs of 20,000 images at 400-800 img/s), 13 minutes for

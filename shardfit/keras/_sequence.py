@@ -392,11 +392,9 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         )
         if not fetch:
             return
-        shards: dict[int, None] = {}
-        for later in self._cursor.upcoming(ahead):
-            shards.update(dict.fromkeys((later.samples // size).tolist()))
+        shards = self._upcoming_shards(ahead)
         if shards:
-            self._reader.prefetch(list(shards))
+            self._reader.prefetch(shards)
 
     def _lookahead(self) -> int:
         """Batches whose shards are fetched or read ahead: two shuffle windows' worth."""
@@ -404,6 +402,14 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         return max(
             o.max_queue_size, -(-2 * o.shuffle_window * self._reader.shard_size // o.batch_size)
         )
+
+    def _upcoming_shards(self, ahead: int) -> list[int]:
+        """The shards of the next ``ahead`` batches of the plan, each once, in plan order."""
+        size = self._reader.shard_size
+        shards: dict[int, None] = {}
+        for later in self._cursor.upcoming(ahead):
+            shards.update(dict.fromkeys((later.samples // size).tolist()))
+        return list(shards)
 
     def _map_ahead(self, req: Request) -> None:
         """A local store read through mappings: every ``ahead // 4`` batches, have the kernel
@@ -413,10 +419,7 @@ class Sequence(keras.utils.PyDataset):  # type: ignore[misc]
         ahead = self._lookahead()
         if req.index % max(1, ahead // 4):
             return
-        size = self._reader.shard_size
-        shards: dict[int, None] = {}
-        for later in self._cursor.upcoming(ahead):
-            shards.update(dict.fromkeys((later.samples // size).tolist()))
+        shards = self._upcoming_shards(ahead)
         readahead = self._ahead
         if readahead is None:
             files = self._reader.shard_files()
